@@ -1,0 +1,39 @@
+# The project's two commands: `make demo` and `make test`. Both create the
+# virtualenv and install what is missing, so they work on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Debian packages whose commands the tests use as independent judges or peers.
+DEB_TOOLS := openssl:openssl mosquitto:mosquitto mosquitto_pub:mosquitto-clients certtool:gnutls-bin ocsptool:gnutls-bin curl:curl
+DEMO_DIR ?= demo-data
+
+.PHONY: test demo deps venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Install the missing Debian tools when we may (root); otherwise say what is missing.
+deps:
+	@missing=""; for pair in $(DEB_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing Debian packages (run as root or install them):$$missing"; fi; \
+	fi
+
+test: venv deps
+	$(PY) -m pytest -q
+
+demo: venv deps
+	$(PY) -m cli.demo --dir $(DEMO_DIR)
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .hypothesis

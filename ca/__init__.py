@@ -1,0 +1,1 @@
+"""iomt-ca domain core: issuance, revocation, CRL, OCSP, device registry and storage."""

@@ -1,0 +1,202 @@
+"""The CA directory layout and the [ca] and [storage] sections of config.toml."""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from . import profiles as profiles_mod
+from .errors import BadRequestError, ConfigError
+from .model import check_trust_domain
+from .signer import KEY_TYPES
+from .timefmt import format_duration, parse_duration
+
+
+@dataclass(frozen=True)
+class CAPaths:
+    """Where `iomtca init` puts things inside the CA directory."""
+
+    home: Path
+
+    config: Path = field(init=False)
+    root_cert: Path = field(init=False)
+    chain: Path = field(init=False)
+    issuing_cert: Path = field(init=False)
+    ocsp_cert: Path = field(init=False)
+    server_cert: Path = field(init=False)
+    ra_cert: Path = field(init=False)
+    private: Path = field(init=False)
+    root_key: Path = field(init=False)
+    issuing_key: Path = field(init=False)
+    ocsp_signer: Path = field(init=False)
+    server_key: Path = field(init=False)
+    ra_key: Path = field(init=False)
+    passphrase: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        h = self.home
+        private = h / "private"
+        values = dict(
+            config=h / "config.toml", root_cert=h / "root.pem", chain=h / "chain.pem",
+            issuing_cert=h / "issuing.pem", ocsp_cert=h / "ocsp.pem", server_cert=h / "server.pem",
+            ra_cert=h / "ra.pem", private=private, root_key=private / "root.key",
+            issuing_key=private / "issuing.key", ocsp_signer=private / "ocsp-signer.pem",
+            server_key=private / "server.key", ra_key=private / "ra.key",
+            passphrase=private / "passphrase",
+        )
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+
+@dataclass(frozen=True)
+class ModelPolicy:
+    """Per device model settings from [ca.models."<model>"]."""
+
+    lifetime: timedelta | None = None
+
+
+@dataclass(frozen=True)
+class CAConfig:
+    trust_domain: str = "iomt.local"
+    key_type: str = "ec-p256"
+    base_url: str = "http://127.0.0.1:8080"
+    crl_next_update: timedelta = timedelta(hours=24)
+    ocsp_validity: timedelta = timedelta(hours=12)
+    ocsp_signer_lifetime: timedelta = timedelta(days=7)
+    token_ttl: timedelta = timedelta(days=7)
+    server_names: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    passphrase_file: Path | None = None
+    database: Path = Path("iomtca.db")
+    profiles: dict[str, profiles_mod.Profile] = field(default_factory=lambda: dict(profiles_mod.BUILTIN))
+    models: dict[str, ModelPolicy] = field(default_factory=dict)
+
+    @property
+    def crl_url(self) -> str:
+        return self.base_url.rstrip("/") + "/crl"
+
+    @property
+    def ocsp_url(self) -> str:
+        return self.base_url.rstrip("/") + "/ocsp"
+
+    @property
+    def ca_issuers_url(self) -> str:
+        return self.base_url.rstrip("/") + "/ca.cer"
+
+    def profile(self, name: str) -> profiles_mod.Profile:
+        try:
+            return self.profiles[name]
+        except KeyError:
+            raise ConfigError(f"unknown profile {name!r}") from None
+
+    def device_lifetime(self, model: str) -> timedelta:
+        policy = self.models.get(model)
+        if policy and policy.lifetime:
+            return policy.lifetime
+        return self.profile("device").lifetime
+
+
+_CA_KEYS = {"trust_domain", "key_type", "base_url", "crl_next_update", "ocsp_validity",
+            "ocsp_signer_lifetime", "token_ttl", "server_names", "passphrase_file", "profiles", "models"}
+
+
+def _duration(section: dict, key: str, default: timedelta, where: str) -> timedelta:
+    if key not in section:
+        return default
+    try:
+        value = parse_duration(str(section[key]))
+    except BadRequestError as exc:
+        raise ConfigError(f"{where}.{key}: {exc}") from exc
+    if value <= timedelta(0):
+        raise ConfigError(f"{where}.{key} must be positive")
+    return value
+
+
+def load_config(paths: CAPaths) -> CAConfig:
+    try:
+        raw = tomllib.loads(paths.config.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{paths.home} is not a CA directory (no config.toml); run `iomtca init --dir {paths.home}`") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{paths.config}: {exc}") from exc
+    return parse_config(raw, paths.home)
+
+
+def parse_config(raw: dict, home: Path) -> CAConfig:
+    ca = raw.get("ca", {})
+    unknown = set(ca) - _CA_KEYS
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in [ca]: {', '.join(sorted(unknown))}")
+    defaults = CAConfig()
+    try:
+        trust_domain = check_trust_domain(ca.get("trust_domain", defaults.trust_domain))
+    except BadRequestError as exc:
+        raise ConfigError(str(exc)) from exc
+    key_type = ca.get("key_type", defaults.key_type)
+    if key_type not in KEY_TYPES:
+        raise ConfigError(f"[ca] key_type {key_type!r} is not one of {', '.join(KEY_TYPES)}")
+    profiles = dict(profiles_mod.BUILTIN)
+    for name, section in ca.get("profiles", {}).items():
+        if name not in profiles:
+            raise ConfigError(f"[ca.profiles.{name}]: no such profile; known: {', '.join(profiles)}")
+        profiles[name] = profiles[name].with_lifetime(
+            _duration(section, "lifetime", profiles[name].lifetime, f"ca.profiles.{name}"))
+    models = {
+        model: ModelPolicy(lifetime=_duration(section, "lifetime", None, f"ca.models.{model}"))
+        for model, section in ca.get("models", {}).items()
+    }
+    passphrase_file = ca.get("passphrase_file")
+    storage = raw.get("storage", {})
+    return CAConfig(
+        trust_domain=trust_domain,
+        key_type=key_type,
+        base_url=ca.get("base_url", defaults.base_url),
+        crl_next_update=_duration(ca, "crl_next_update", defaults.crl_next_update, "ca"),
+        ocsp_validity=_duration(ca, "ocsp_validity", defaults.ocsp_validity, "ca"),
+        ocsp_signer_lifetime=_duration(ca, "ocsp_signer_lifetime", defaults.ocsp_signer_lifetime, "ca"),
+        token_ttl=_duration(ca, "token_ttl", defaults.token_ttl, "ca"),
+        server_names=tuple(ca.get("server_names", defaults.server_names)),
+        passphrase_file=(home / passphrase_file) if passphrase_file else None,
+        database=home / storage.get("path", str(defaults.database)),
+        profiles=profiles,
+        models=models,
+    )
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_config(cfg: CAConfig, *, passphrase_file: str | None) -> str:
+    """The config.toml `iomtca init` writes: every setting spelled out with its meaning."""
+    names = ", ".join(_toml_str(n) for n in cfg.server_names)
+    lines = [
+        "# iomt-ca configuration, written by `iomtca init`. Durations: 90s, 30m, 72h, 7d, 1d12h.",
+        "[ca]",
+        f"trust_domain = {_toml_str(cfg.trust_domain)}   # SPIFFE trust domain of device identities",
+        f"key_type = {_toml_str(cfg.key_type)}          # key type of the CA and service keys",
+        "# Base URL of the plain-HTTP OCSP/CRL listener, written into every certificate's",
+        "# CRL distribution point (/crl) and AIA (/ocsp, /ca.cer). Change it for a real deployment.",
+        f"base_url = {_toml_str(cfg.base_url)}",
+        f"crl_next_update = {_toml_str(format_duration(cfg.crl_next_update))}",
+        f"ocsp_validity = {_toml_str(format_duration(cfg.ocsp_validity))}        # nextUpdate of OCSP responses",
+        f"ocsp_signer_lifetime = {_toml_str(format_duration(cfg.ocsp_signer_lifetime))}  # rotated at 2/3 of it",
+        f"token_ttl = {_toml_str(format_duration(cfg.token_ttl))}            # enrollment token lifetime",
+        f"server_names = [{names}]   # SANs of the enrollment server certificate",
+    ]
+    if passphrase_file:
+        lines.append(f"passphrase_file = {_toml_str(passphrase_file)}   # or set IOMTCA_PASSPHRASE")
+    lines += [
+        "",
+        "[ca.profiles.device]",
+        f"lifetime = {_toml_str(format_duration(cfg.profile('device').lifetime))}",
+        "",
+        "# Per device model overrides, e.g.:",
+        '# [ca.models."infusion-pump"]',
+        '# lifetime = "48h"',
+        "",
+        "[storage]",
+        f"path = {_toml_str(cfg.database.name)}",
+        "",
+    ]
+    return "\n".join(lines)

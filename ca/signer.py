@@ -1,0 +1,92 @@
+"""Who signs: a `Signer` protocol and the file-backed key implementation.
+
+Issuance asks a signer for the key object cryptography's builders need, the
+hash to use, and raw signatures for what we encode ourselves (CRLs). An HSM
+(PKCS#11) signer would implement the same protocol.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+from . import der
+
+# Key types `iomtca init --key-type` accepts for CA and service keys.
+KEY_TYPES = ("ec-p256", "ec-p384", "ed25519", "rsa-2048", "rsa-3072")
+
+
+def generate_key(key_type: str):
+    if key_type == "ec-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "ec-p384":
+        return ec.generate_private_key(ec.SECP384R1())
+    if key_type == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    if key_type in ("rsa-2048", "rsa-3072"):
+        return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[4:]))
+    raise ValueError(f"unknown key type {key_type!r}; one of {', '.join(KEY_TYPES)}")
+
+
+def hash_for(private_key) -> hashes.HashAlgorithm | None:
+    """The digest paired with a key in signatures (None: the algorithm hashes itself)."""
+    if isinstance(private_key, ed25519.Ed25519PrivateKey):
+        return None
+    if isinstance(private_key, ec.EllipticCurvePrivateKey) and private_key.curve.key_size >= 384:
+        return hashes.SHA384()
+    return hashes.SHA256()
+
+
+def algorithm_identifier(private_key) -> bytes:
+    """DER AlgorithmIdentifier of the signatures `sign()` makes (RFC 5758, 8410, 4055)."""
+    if isinstance(private_key, ed25519.Ed25519PrivateKey):
+        return der.sequence(der.oid("1.3.101.112"))
+    if isinstance(private_key, ec.EllipticCurvePrivateKey):
+        suffix = "3" if isinstance(hash_for(private_key), hashes.SHA384) else "2"
+        return der.sequence(der.oid("1.2.840.10045.4.3." + suffix))
+    if isinstance(private_key, rsa.RSAPrivateKey):
+        return der.sequence(der.oid("1.2.840.113549.1.1.11"), der.null())
+    raise TypeError(f"unsupported signing key {type(private_key).__name__}")
+
+
+class Signer(Protocol):
+    @property
+    def private_key(self): ...
+
+    @property
+    def hash_algorithm(self) -> hashes.HashAlgorithm | None: ...
+
+    @property
+    def algorithm_identifier(self) -> bytes: ...
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
+class KeySigner:
+    """A signer over a private key held in memory (loaded from an encrypted file)."""
+
+    def __init__(self, private_key) -> None:
+        self._key = private_key
+        self._hash = hash_for(private_key)
+        self._alg = algorithm_identifier(private_key)
+
+    @property
+    def private_key(self):
+        return self._key
+
+    @property
+    def hash_algorithm(self):
+        return self._hash
+
+    @property
+    def algorithm_identifier(self) -> bytes:
+        return self._alg
+
+    def sign(self, data: bytes) -> bytes:
+        key = self._key
+        if isinstance(key, ed25519.Ed25519PrivateKey):
+            return key.sign(data)
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            return key.sign(data, ec.ECDSA(self._hash))
+        return key.sign(data, padding.PKCS1v15(), self._hash)

@@ -1,0 +1,316 @@
+"""SQLite storage through aiosqlite: the only module with SQL.
+
+WAL mode lets readers run beside the one writer; writes start with BEGIN
+IMMEDIATE so that concurrent writers (other coroutines, the CLI, other worker
+processes) wait on the busy timeout instead of failing with "database is
+locked" at commit. synchronous=FULL: a committed certificate survives power loss.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from datetime import datetime
+from pathlib import Path
+
+import aiosqlite
+
+from .. import audit
+from ..model import (AuditEvent, CertRecord, CertStatus, Criticality, Device, DeviceStatus,
+                     Revocation, RevocationReason, serial_hex)
+from ..timefmt import from_rfc3339, to_rfc3339
+from . import TokenRow
+
+BUSY_TIMEOUT_S = 30.0
+
+# Numbered migrations; PRAGMA user_version records how many have run.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE devices (
+        id TEXT PRIMARY KEY,
+        model TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        location TEXT NOT NULL DEFAULT '',
+        criticality TEXT NOT NULL DEFAULT 'medium',
+        firmware TEXT NOT NULL DEFAULT '',
+        manufacturer TEXT NOT NULL DEFAULT '',
+        serial_number TEXT NOT NULL DEFAULT '',
+        udi_di TEXT NOT NULL DEFAULT '',
+        udi_pi TEXT NOT NULL DEFAULT '',
+        asset_tag TEXT NOT NULL DEFAULT '',
+        status TEXT NOT NULL DEFAULT 'active',
+        created_at TEXT NOT NULL,
+        last_seen TEXT
+    );
+    CREATE TABLE tokens (
+        id INTEGER PRIMARY KEY,
+        device_id TEXT NOT NULL REFERENCES devices(id),
+        digest BLOB NOT NULL UNIQUE,
+        created_at TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        used_at TEXT,
+        burned_at TEXT
+    );
+    CREATE INDEX tokens_device ON tokens(device_id);
+    CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY,
+        device_id TEXT REFERENCES devices(id),
+        profile TEXT NOT NULL,
+        not_before TEXT NOT NULL,
+        not_after TEXT NOT NULL,
+        der BLOB NOT NULL,
+        status TEXT NOT NULL DEFAULT 'good',
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX certificates_device ON certificates(device_id, not_after);
+    CREATE TABLE revocations (
+        id INTEGER PRIMARY KEY,
+        serial TEXT NOT NULL REFERENCES certificates(serial),
+        reason INTEGER NOT NULL,
+        revoked_at TEXT NOT NULL,
+        released_at TEXT
+    );
+    CREATE UNIQUE INDEX revocations_active ON revocations(serial) WHERE released_at IS NULL;
+    CREATE TABLE crl_state (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        number INTEGER NOT NULL
+    );
+    INSERT INTO crl_state (id, number) VALUES (1, 0);
+    CREATE TABLE audit_log (
+        id INTEGER PRIMARY KEY,
+        at TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        device_id TEXT,
+        serial TEXT,
+        detail TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    """,
+]
+
+_DEVICE_COLUMNS = ("id, model, owner, location, criticality, firmware, manufacturer, serial_number, "
+                   "udi_di, udi_pi, asset_tag, status, created_at, last_seen")
+_CERT_SELECT = """
+    SELECT c.serial, c.device_id, c.profile, c.not_before, c.not_after, c.der, c.status, c.created_at,
+           r.revoked_at, r.reason
+    FROM certificates c LEFT JOIN revocations r ON r.serial = c.serial AND r.released_at IS NULL
+"""
+
+
+def _ts(value: datetime | None) -> str | None:
+    return None if value is None else to_rfc3339(value)
+
+
+def _dt(value: str | None) -> datetime | None:
+    return None if value is None else from_rfc3339(value)
+
+
+def _device(row) -> Device:
+    return Device(
+        id=row[0], model=row[1], owner=row[2], location=row[3], criticality=Criticality(row[4]),
+        firmware=row[5], manufacturer=row[6], serial_number=row[7], udi_di=row[8], udi_pi=row[9],
+        asset_tag=row[10], status=DeviceStatus(row[11]), created_at=_dt(row[12]), last_seen=_dt(row[13]))
+
+
+def _cert(row) -> CertRecord:
+    return CertRecord(
+        serial=int(row[0], 16), device_id=row[1], profile=row[2], not_before=_dt(row[3]),
+        not_after=_dt(row[4]), der=bytes(row[5]), status=CertStatus(row[6]), created_at=_dt(row[7]),
+        revoked_at=_dt(row[8]), reason=None if row[9] is None else RevocationReason(row[9]))
+
+
+class SQLiteTx:
+    """The `Tx` methods over one aiosqlite connection."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._c = conn
+
+    async def _one(self, sql: str, args=()):
+        async with self._c.execute(sql, args) as cur:
+            return await cur.fetchone()
+
+    async def _all(self, sql: str, args=()):
+        async with self._c.execute(sql, args) as cur:
+            return await cur.fetchall()
+
+    # devices
+    async def get_device(self, device_id):
+        row = await self._one(f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE id = ?", (device_id,))
+        return None if row is None else _device(row)
+
+    async def insert_device(self, d: Device) -> None:
+        await self._c.execute(
+            f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (d.id, d.model, d.owner, d.location, d.criticality.value, d.firmware, d.manufacturer,
+             d.serial_number, d.udi_di, d.udi_pi, d.asset_tag, d.status.value, _ts(d.created_at),
+             _ts(d.last_seen)))
+
+    async def list_devices(self):
+        return [_device(r) for r in await self._all(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY id")]
+
+    async def set_device_status(self, device_id, status) -> None:
+        await self._c.execute("UPDATE devices SET status = ? WHERE id = ?", (status.value, device_id))
+
+    async def touch_device(self, device_id, seen_at, firmware=None) -> None:
+        await self._c.execute(
+            "UPDATE devices SET last_seen = ?, firmware = COALESCE(?, firmware) WHERE id = ?",
+            (_ts(seen_at), firmware, device_id))
+
+    # tokens
+    async def insert_token(self, device_id, digest, created_at, expires_at) -> None:
+        await self._c.execute(
+            "INSERT INTO tokens (device_id, digest, created_at, expires_at) VALUES (?,?,?,?)",
+            (device_id, digest, _ts(created_at), _ts(expires_at)))
+
+    async def live_tokens(self, device_id):
+        rows = await self._all(
+            "SELECT id, device_id, digest, expires_at, used_at FROM tokens "
+            "WHERE device_id = ? AND burned_at IS NULL", (device_id,))
+        return [TokenRow(r[0], r[1], bytes(r[2]), _dt(r[3]), _dt(r[4])) for r in rows]
+
+    async def mark_token_used(self, token_id, at) -> None:
+        await self._c.execute("UPDATE tokens SET used_at = ? WHERE id = ? AND used_at IS NULL",
+                              (_ts(at), token_id))
+
+    async def burn_tokens(self, device_id, at) -> int:
+        cur = await self._c.execute(
+            "UPDATE tokens SET burned_at = ? WHERE device_id = ? AND burned_at IS NULL AND used_at IS NULL",
+            (_ts(at), device_id))
+        return cur.rowcount
+
+    # certificates
+    async def serial_exists(self, serial) -> bool:
+        return await self._one("SELECT 1 FROM certificates WHERE serial = ?", (serial_hex(serial),)) is not None
+
+    async def insert_certificate(self, r: CertRecord) -> None:
+        await self._c.execute(
+            "INSERT INTO certificates (serial, device_id, profile, not_before, not_after, der, status, created_at)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            (serial_hex(r.serial), r.device_id, r.profile, _ts(r.not_before), _ts(r.not_after), r.der,
+             r.status.value, _ts(r.created_at)))
+
+    async def get_certificate(self, serial):
+        row = await self._one(_CERT_SELECT + " WHERE c.serial = ?", (serial_hex(serial),))
+        return None if row is None else _cert(row)
+
+    async def list_certificates(self, device_id=None):
+        if device_id is None:
+            rows = await self._all(_CERT_SELECT + " ORDER BY c.created_at, c.serial")
+        else:
+            rows = await self._all(_CERT_SELECT + " WHERE c.device_id = ? ORDER BY c.created_at, c.serial",
+                                   (device_id,))
+        return [_cert(r) for r in rows]
+
+    async def revoke(self, serial, reason, at) -> None:
+        status = CertStatus.HOLD if reason is RevocationReason.certificateHold else CertStatus.REVOKED
+        key = serial_hex(serial)
+        # A hold turned into a final revocation: the hold entry is closed first.
+        await self._c.execute("UPDATE revocations SET released_at = ? WHERE serial = ? AND released_at IS NULL",
+                              (_ts(at), key))
+        await self._c.execute("INSERT INTO revocations (serial, reason, revoked_at) VALUES (?,?,?)",
+                              (key, reason.value, _ts(at)))
+        await self._c.execute("UPDATE certificates SET status = ? WHERE serial = ?", (status.value, key))
+
+    async def release(self, serial, at) -> None:
+        key = serial_hex(serial)
+        await self._c.execute("UPDATE revocations SET released_at = ? WHERE serial = ? AND released_at IS NULL",
+                              (_ts(at), key))
+        await self._c.execute("UPDATE certificates SET status = 'good' WHERE serial = ?", (key,))
+
+    async def active_revocations(self, not_expired_at):
+        rows = await self._all(
+            "SELECT r.serial, r.reason, r.revoked_at FROM revocations r "
+            "JOIN certificates c ON c.serial = r.serial "
+            "WHERE r.released_at IS NULL AND c.not_after > ? ORDER BY r.id", (_ts(not_expired_at),))
+        return [Revocation(int(s, 16), RevocationReason(reason), from_rfc3339(at)) for s, reason, at in rows]
+
+    async def next_crl_number(self) -> int:
+        await self._c.execute("UPDATE crl_state SET number = number + 1 WHERE id = 1")
+        return (await self._one("SELECT number FROM crl_state WHERE id = 1"))[0]
+
+    # audit
+    async def append_audit(self, event: AuditEvent, at: datetime) -> str:
+        last = await self._one("SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1")
+        new_id, prev = (1, audit.GENESIS) if last is None else (last[0] + 1, last[1])
+        serial = None if event.serial is None else serial_hex(event.serial)
+        detail = audit.canonical_detail(event.detail)
+        at_text = to_rfc3339(at)
+        digest = audit.chain_hash(prev, id=new_id, at=at_text, actor=event.actor, action=event.action,
+                                  device_id=event.device_id, serial=serial, detail=detail)
+        await self._c.execute(
+            "INSERT INTO audit_log (id, at, actor, action, device_id, serial, detail, prev_hash, hash)"
+            " VALUES (?,?,?,?,?,?,?,?,?)",
+            (new_id, at_text, event.actor, event.action, event.device_id, serial, detail, prev, digest))
+        return digest
+
+    async def audit_rows(self):
+        rows = await self._all("SELECT id, at, actor, action, device_id, serial, detail, prev_hash, hash "
+                               "FROM audit_log ORDER BY id")
+        return [audit.AuditRow(*r) for r in rows]
+
+
+class SQLiteStore:
+    """One write connection guarded by a lock, one read-only connection."""
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> "SQLiteStore":
+        path = Path(path)
+        writer = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+        try:
+            await writer.execute("PRAGMA journal_mode = WAL")
+            await writer.execute("PRAGMA synchronous = FULL")
+            await writer.execute("PRAGMA foreign_keys = ON")
+            await migrate(writer)
+            reader = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                                             timeout=BUSY_TIMEOUT_S)
+        except BaseException:
+            await writer.close()
+            raise
+        return cls(writer, reader)
+
+    @contextlib.asynccontextmanager
+    async def write(self):
+        async with self._write_lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield SQLiteTx(self._writer)
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            else:
+                await self._writer.execute("COMMIT")
+
+    @contextlib.asynccontextmanager
+    async def read(self):
+        yield SQLiteTx(self._reader)
+
+    async def close(self) -> None:
+        await self._reader.close()
+        await self._writer.close()
+
+
+async def migrate(conn: aiosqlite.Connection) -> int:
+    """Run the migrations this database has not seen yet; return the schema version."""
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        async with conn.execute("PRAGMA user_version") as cur:
+            version = (await cur.fetchone())[0]
+        if version > len(MIGRATIONS):
+            raise sqlite3.DatabaseError(
+                f"database schema version {version} is newer than this iomt-ca ({len(MIGRATIONS)})")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            for statement in filter(str.strip, script.split(";")):
+                await conn.execute(statement)
+            await conn.execute(f"PRAGMA user_version = {number}")
+        await conn.execute("COMMIT")
+    except BaseException:
+        await conn.execute("ROLLBACK")
+        raise
+    return len(MIGRATIONS)

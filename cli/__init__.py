@@ -1,0 +1,1 @@
+"""The `iomtca` command line: admin commands for biomedical engineers, and entry points."""

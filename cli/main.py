@@ -1,0 +1,70 @@
+"""`iomtca` entry point: argument parsing, dispatch, and the one error-to-exit-code map."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ca.errors import CAError, ConfigError
+from ca.signer import KEY_TYPES
+
+from . import cert_cmds, device_cmds, init_cmd
+
+EXIT_ERROR = 1
+EXIT_INTERNAL = 70
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("IOMTCA_HOME", "./iomtca-data"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", type=Path, default=None,
+                        help="CA directory (default: $IOMTCA_HOME, else ./iomtca-data)")
+    parser = argparse.ArgumentParser(prog="iomtca", description="iomt-ca: private CA for connected medical devices")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init", parents=[common], help="create a CA directory")
+    p.add_argument("--trust-domain", default="iomt.local", help="SPIFFE trust domain (default iomt.local)")
+    p.add_argument("--key-type", choices=KEY_TYPES, default="ec-p256")
+    p.add_argument("--server-name", action="append", default=[], metavar="NAME",
+                   help="extra DNS name or IP for the enrollment server certificate (repeatable)")
+    p.add_argument("--base-url", help="base URL of the OCSP/CRL listener written into certificates")
+    p.add_argument("--force", action="store_true", help="move an existing CA directory aside and start anew")
+    p.set_defaults(func=init_cmd.run)
+
+    device_cmds.add_parsers(sub, common)
+    cert_cmds.add_parsers(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dir is None:
+        args.dir = default_home()
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    try:
+        return asyncio.run(args.func(args)) or 0
+    except (CAError, ConfigError) as exc:
+        print(f"iomtca: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"iomtca: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # our bug: say so in one line, details with -v
+        logging.getLogger("iomtca").debug("internal error", exc_info=True)
+        print(f"iomtca: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
