@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.x509 import ocsp as x509_ocsp
 
 from . import crl as crl_mod
+from . import policy
 from . import ocsp as ocsp_mod
 from .codec import cert_der
 from .config import CAConfig, CAPaths, load_config
@@ -127,6 +128,7 @@ class Authority:
                 device = await tx.get_device(device_id)
                 if device is None:
                     raise UnknownDeviceError(f"device {device_id} is not registered")
+                policy.device_active(device)  # before the token: a retired device hears so plainly
                 if isinstance(credential, TokenAuth):
                     await check_token(tx, device_id, credential.secret, now)
                 serial = await self._fresh_serial(tx)

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.dir is None:
         args.dir = default_home()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    # Without -v the CLI speaks only through its own one-line messages.
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
     try:
         return asyncio.run(args.func(args)) or 0
