@@ -37,6 +37,8 @@ from .timefmt import Clock, utc_now
 log = logging.getLogger(__name__)
 
 SERIAL_ATTEMPTS = 4
+# Recorded for completeness, but not issued by the issuing CA: no OCSP or CRL status here.
+CA_PROFILES = ("root-ca", "issuing-ca")
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,11 @@ class Authority:
         now = self._clock()
         async with self.store.write() as tx:
             record = await self._certificate(tx, serial)
+            if record.profile in CA_PROFILES:
+                # RFC 5280 5.1: this CA's CRL lists only what the issuing CA issued.
+                raise PolicyViolationError(
+                    f"certificate {serial_hex(serial)} is the {record.profile} certificate; CA certificates "
+                    "are revoked by replacing the CA (iomtca init), not on the issuing CA's CRL")
             if record.status is CertStatus.REVOKED:
                 raise PolicyViolationError(f"certificate {serial_hex(serial)} is already revoked")
             if record.status is CertStatus.HOLD and reason is RevocationReason.certificateHold:
@@ -266,7 +273,7 @@ class Authority:
     async def ocsp_answer(self, serial: int) -> ocsp_mod.OCSPAnswer:
         async with self.store.read() as tx:
             record = await tx.get_certificate(serial)
-        if record is None or record.profile in ("root-ca", "issuing-ca"):
+        if record is None or record.profile in CA_PROFILES:
             return ocsp_mod.OCSPAnswer(None)
         reason = record.reason if record.status is not CertStatus.GOOD else None
         return ocsp_mod.OCSPAnswer(record.status, record.revoked_at, reason)

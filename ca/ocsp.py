@@ -10,6 +10,7 @@ from datetime import datetime
 
 from asn1crypto import keys as asn1_keys
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
@@ -54,7 +55,10 @@ def parse_request(data: bytes) -> OCSPQuery:
                 nonce = ext.value.nonce
     except (ValueError, TypeError) as exc:
         raise BadRequestError(f"malformed OCSP request: {exc}") from exc
-    except x509.UnsupportedGeneralNameType as exc:
+    except NotImplementedError as exc:
+        # cryptography parses one CertID per request, as RFC 5019 clients send; more is refused.
+        raise BadRequestError(f"unsupported OCSP request: {exc}") from exc
+    except (x509.UnsupportedGeneralNameType, UnsupportedAlgorithm) as exc:
         raise BadRequestError(f"unsupported OCSP request: {exc}") from exc
     if nonce is not None and not 1 <= len(nonce) <= NONCE_MAX:
         raise BadRequestError(f"OCSP nonce of {len(nonce)} octets is outside 1..{NONCE_MAX} (RFC 8954)")
