@@ -7,10 +7,9 @@ certificate handed out is always in the database first.
 """
 from __future__ import annotations
 
-import getpass
+import asyncio
 import logging
-from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -22,13 +21,17 @@ from . import policy
 from . import ocsp as ocsp_mod
 from .codec import cert_der
 from .config import CAConfig, CAPaths, load_config
-from .errors import BadRequestError, CAError, NotFoundError, PolicyViolationError, UnknownDeviceError
+from .credentials import (CertificateAuth, Credential, IDevIDAuth, OperatorAuth, SignedRequestAuth, TokenAuth,
+                          actor, operator)
+from .errors import (BadRequestError, CAError, NotFoundError, PendingApprovalError, PolicyViolationError,
+                     UnauthorizedError, UnknownDeviceError)
 from .issuance import IssuerContext, build_certificate, issue_device_certificate, new_serial
 from .keystore import load_cert, load_private_key, read_passphrase
 from .model import (AuditEvent, CertRecord, CertStatus, Device, DeviceStatus, Issued, RevocationReason,
                     serial_hex)
 from .ocsp_signer import OCSPResponder, load_or_rotate_responder
-from .registry import Registry, check_token
+from .ratelimit import FailureLimiter
+from .registry import Registry, find_token
 from .signer import KeySigner
 from .store import Store, Tx
 from .store.sqlite import SQLiteStore
@@ -36,37 +39,12 @@ from .timefmt import Clock, utc_now
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Authority", "TokenAuth", "OperatorAuth", "CertificateAuth", "SignedRequestAuth", "IDevIDAuth",
+           "operator"]
+
 SERIAL_ATTEMPTS = 4
 # Recorded for completeness, but not issued by the issuing CA: no OCSP or CRL status here.
 CA_PROFILES = ("root-ca", "issuing-ca")
-
-
-@dataclass(frozen=True)
-class TokenAuth:
-    """The device proves itself with its one-time enrollment token."""
-
-    secret: str
-
-
-@dataclass(frozen=True)
-class OperatorAuth:
-    """An engineer at the admin CLI vouches for the CSR (manual onboarding)."""
-
-    name: str
-
-
-Credential = TokenAuth | OperatorAuth
-
-
-def operator() -> OperatorAuth:
-    try:
-        return OperatorAuth(getpass.getuser())
-    except Exception:  # no passwd entry in some containers
-        return OperatorAuth("unknown")
-
-
-def _actor(credential: Credential, device_id: str) -> str:
-    return f"operator:{credential.name}" if isinstance(credential, OperatorAuth) else f"device:{device_id}"
 
 
 class Authority:
@@ -82,6 +60,8 @@ class Authority:
         self._clock = clock
         self._serial = serial_source
         self._responder: OCSPResponder | None = None
+        # Wrong tokens per device: 5 in 15 minutes, then the device waits (RFC 7030 3.2.3 leaves this to us).
+        self.token_failures = FailureLimiter(limit=5, window=timedelta(minutes=15), what="device", clock=clock)
 
     @classmethod
     async def open(cls, home: Path, *, clock: Clock = utc_now, serial_source: Callable[[], int] = new_serial,
@@ -121,42 +101,138 @@ class Authority:
 
     async def enroll(self, device_id: str, csr: x509.CertificateSigningRequest, credential: Credential,
                      *, profile: str = "device") -> Issued:
-        """Issue a device certificate for `csr` if the device and its credential allow it."""
+        """First enrollment: a token, an IDevID or an operator vouches for `csr`."""
+        if isinstance(credential, CertificateAuth):
+            return await self.renew(device_id, csr, credential)
         now = self._clock()
-        actor = _actor(credential, device_id)
+        who = actor(credential, device_id)
         prof = self.config.profile(profile)
         try:
+            if isinstance(credential, TokenAuth):
+                self.token_failures.check(device_id)
             async with self.store.write() as tx:
-                device = await tx.get_device(device_id)
-                if device is None:
-                    raise UnknownDeviceError(f"device {device_id} is not registered")
+                device = await self._device(tx, device_id)
                 policy.device_active(device)  # before the token: a retired device hears so plainly
+                token = None
                 if isinstance(credential, TokenAuth):
-                    await check_token(tx, device_id, credential.secret, now)
-                serial = await self._fresh_serial(tx)
-                cert = issue_device_certificate(
-                    csr, device, prof, self.issuer, trust_domain=self.config.trust_domain, serial=serial,
-                    now=now, lifetime=self.config.device_lifetime(device.model) if profile == "device" else None)
-                await self._persist(tx, cert, device_id, prof.name, now, actor, "certificate_issued")
-        except CAError as exc:
-            await self._audit_refusal(now, actor, device_id, exc)
+                    token = await self._token(tx, device_id, credential.secret, now)
+                elif isinstance(credential, IDevIDAuth):
+                    self._check_idevid(device, credential)
+                if not isinstance(credential, OperatorAuth):
+                    await self._approval(tx, device, now, who)
+                issued = await self._issue(tx, csr, device, profile, now, who, "certificate_issued")
+                if token is not None:
+                    await tx.mark_token_used(token.id, now)
+                await tx.clear_approval(device_id)
+        except PendingApprovalError:
             raise
-        log.info("issued device=%s serial=%s profile=%s", device_id, serial_hex(serial), prof.name)
-        return Issued(cert, self.issuer.chain, device_id, prof.name)
+        except CAError as exc:
+            await self._audit_refusal(now, who, device_id, exc)
+            raise
+        if isinstance(credential, TokenAuth):
+            self.token_failures.succeeded(device_id)
+        return issued
+
+    async def renew(self, device_id: str | None, csr: x509.CertificateSigningRequest,
+                    credential: CertificateAuth) -> Issued:
+        """Re-enrollment authenticated by the device's current certificate (key rotation allowed).
+
+        `device_id` is the device the request claims to be (the MQTT topic) or None (EST, where
+        the certificate alone names the device). The certificate may have expired less than the
+        renewal grace period ago; a revoked or held one is refused.
+        """
+        now = self._clock()
+        cert = credential.certificate
+        who = f"device:{device_id or 'unknown'}"
+        try:
+            if isinstance(credential, SignedRequestAuth):
+                policy.signed_recently(credential.signing_time, now)
+            async with self.store.write() as tx:
+                record = await tx.get_certificate(cert.serial_number)
+                device = await tx.get_device(record.device_id) if record and record.device_id else None
+                grace = self.config.renewal_grace_for(device.model if device else "")
+                record = policy.renewal_allowed(record, cert, self.issuer.certificate, now, grace)
+                policy.same_device(record, device_id)
+                device_id, who = record.device_id, f"device:{record.device_id}"
+                policy.device_active(device)
+                issued = await self._issue(tx, csr, device, record.profile, now, who, "certificate_renewed",
+                                           renews=record.serial)
+        except CAError as exc:
+            await self._audit_refusal(now, who, device_id or "unknown", exc, action="renew_refused")
+            raise
+        return issued
+
+    async def device_for_idevid(self, credential: IDevIDAuth) -> str:
+        """The registered device an IDevID names: its subject serialNumber is the device's serial number."""
+        serial = _idevid_serial(credential.certificate)
+        async with self.store.read() as tx:
+            matches = [d for d in await tx.list_devices()
+                       if d.serial_number == serial and _same_maker(d.manufacturer, credential.manufacturer)]
+        if len(matches) != 1:
+            raise UnknownDeviceError(
+                f"no single registered device has serial number {serial!r} from {credential.manufacturer}"
+                if not matches else f"several devices have serial number {serial!r}; set their manufacturer")
+        return matches[0].id
+
+    def _check_idevid(self, device: Device, credential: IDevIDAuth) -> None:
+        serial = _idevid_serial(credential.certificate)
+        if device.serial_number != serial or not _same_maker(device.manufacturer, credential.manufacturer):
+            raise UnauthorizedError(f"the IDevID certificate ({credential.manufacturer}, serial number "
+                                    f"{serial!r}) does not belong to device {device.id}")
+
+    async def _device(self, tx: Tx, device_id: str) -> Device:
+        device = await tx.get_device(device_id)
+        if device is None:
+            raise UnknownDeviceError(f"device {device_id} is not registered")
+        return device
+
+    async def _token(self, tx: Tx, device_id: str, secret: str, now: datetime):
+        try:
+            return await find_token(tx, device_id, secret, now)
+        except UnauthorizedError:
+            self.token_failures.failed(device_id)
+            raise
+
+    async def _approval(self, tx: Tx, device: Device, now: datetime, who: str) -> None:
+        """First enrollments of configured device classes wait for `iomtca device approve`."""
+        if not self.config.approval.required(device):
+            return
+        state = await tx.get_approval(device.id)
+        if state is not None and state[1] is not None:
+            return
+        if state is None:
+            await tx.request_approval(device.id, now)
+            await tx.append_audit(AuditEvent("enroll_pending_approval", who, device_id=device.id), now)
+        raise PendingApprovalError(f"enrollment of device {device.id} waits for approval "
+                                   f"(iomtca device approve {device.id})", retry_after=60)
+
+    async def _issue(self, tx: Tx, csr: x509.CertificateSigningRequest, device: Device, profile: str,
+                     now: datetime, who: str, action: str, renews: int | None = None) -> Issued:
+        prof = self.config.profile(profile)
+        serial = await self._fresh_serial(tx)
+        # Signing runs in a thread (cryptography releases the GIL): an RSA CA key must not stall the loop.
+        cert = await asyncio.to_thread(
+            issue_device_certificate, csr, device, prof, self.issuer, trust_domain=self.config.trust_domain,
+            serial=serial, now=now, lifetime=self.config.device_lifetime(device.model, prof.name))
+        await self._persist(tx, cert, device.id, prof.name, now, who, action,
+                            extra={"renews": serial_hex(renews)} if renews else None)
+        log.info("%s device=%s serial=%s profile=%s", action, device.id, serial_hex(serial), prof.name)
+        return Issued(cert, self.issuer.chain, device.id, prof.name)
 
     async def _persist(self, tx: Tx, cert: x509.Certificate, device_id: str | None, profile: str,
-                       now: datetime, actor: str, action: str) -> None:
+                       now: datetime, actor: str, action: str, extra: dict | None = None) -> None:
         await tx.insert_certificate(CertRecord(
             serial=cert.serial_number, device_id=device_id, profile=profile,
             not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
             der=cert_der(cert), created_at=now))
         await tx.append_audit(AuditEvent(action, actor, device_id=device_id, serial=cert.serial_number,
-                                         detail={"profile": profile,
+                                         detail={"profile": profile, **(extra or {}),
                                                  "not_after": cert.not_valid_after_utc.isoformat()}), now)
 
-    async def _audit_refusal(self, now: datetime, actor: str, device_id: str, exc: CAError) -> None:
+    async def _audit_refusal(self, now: datetime, actor: str, device_id: str, exc: CAError,
+                             action: str = "enroll_refused") -> None:
         async with self.store.write() as tx:
-            await tx.append_audit(AuditEvent("enroll_refused", actor, device_id=device_id,
+            await tx.append_audit(AuditEvent(action, actor, device_id=device_id,
                                              detail={"code": exc.code, "reason": exc.message}), now)
         log.warning("enroll refused device=%s code=%s reason=%s", device_id, exc.code, exc.message)
 
@@ -167,8 +243,8 @@ class Authority:
         prof = self.config.profile(profile)
         async with self.store.write() as tx:
             serial = await self._fresh_serial(tx)
-            cert = build_certificate(public_key=public_key, subject=subject, sans=sans, profile=prof,
-                                     issuer=self.issuer, serial=serial, now=now)
+            cert = await asyncio.to_thread(build_certificate, public_key=public_key, subject=subject, sans=sans,
+                                           profile=prof, issuer=self.issuer, serial=serial, now=now)
             await self._persist(tx, cert, None, prof.name, now, actor, "certificate_issued")
         log.info("issued service certificate profile=%s serial=%s", prof.name, serial_hex(serial))
         return Issued(cert, self.issuer.chain, None, prof.name)
@@ -245,6 +321,48 @@ class Authority:
         log.info("decommissioned device=%s revoked=%d", device_id, len(revoked))
         return revoked
 
+    async def approve(self, device_id: str, *, actor: str) -> None:
+        """Let a device's waiting (or next) first enrollment through."""
+        now = self._clock()
+        async with self.store.write() as tx:
+            device = await self._device(tx, device_id)
+            policy.device_active(device)
+            await tx.approve(device_id, now, actor)
+            await tx.append_audit(AuditEvent("enroll_approved", actor, device_id=device_id), now)
+
+    async def pending_approvals(self) -> list[tuple[str, datetime]]:
+        async with self.store.read() as tx:
+            return await tx.pending_approvals()
+
+    async def record_presence(self, device_id: str, *, online: bool) -> None:
+        """A device was seen (MQTT presence, any authenticated request): update last seen."""
+        async with self.store.write() as tx:
+            await self._device(tx, device_id)
+            await tx.touch_device(device_id, self._clock())
+        log.debug("presence device=%s online=%s", device_id, online)
+
+    async def record_posture(self, device_id: str, posture: dict) -> None:
+        """A posture report: firmware (and model) the device says it runs; firmware changes are audited."""
+        firmware = posture.get("firmware")
+        if firmware is not None and (not isinstance(firmware, str) or not 0 < len(firmware) <= 64):
+            raise BadRequestError("posture firmware must be a string of 1 to 64 characters")
+        now = self._clock()
+        async with self.store.write() as tx:
+            device = await self._device(tx, device_id)
+            await tx.touch_device(device_id, now, firmware)
+            if firmware is not None and firmware != device.firmware:
+                await tx.append_audit(AuditEvent("firmware_changed", f"device:{device_id}", device_id=device_id,
+                                                 detail={"from": device.firmware, "to": firmware}), now)
+
+    async def status_changes(self, after_id: int) -> list[tuple[int, int]]:
+        """(change id, serial) of revocations, holds and releases after `after_id`, oldest first."""
+        async with self.store.read() as tx:
+            return await tx.status_changes_after(after_id)
+
+    async def last_status_change(self) -> int:
+        async with self.store.read() as tx:
+            return await tx.last_status_change()
+
     async def _certificate(self, tx: Tx, serial: int) -> CertRecord:
         record = await tx.get_certificate(serial)
         if record is None:
@@ -259,9 +377,9 @@ class Authority:
         async with self.store.write() as tx:
             number = await tx.next_crl_number()
             entries = await tx.active_revocations(now)
-        return crl_mod.build_crl(
-            issuer_cert=self.issuer.certificate, signer=self.issuer.signer, entries=entries, number=number,
-            this_update=now, next_update=now + self.config.crl_next_update)
+        return await asyncio.to_thread(
+            crl_mod.build_crl, issuer_cert=self.issuer.certificate, signer=self.issuer.signer, entries=entries,
+            number=number, this_update=now, next_update=now + self.config.crl_next_update)
 
     async def responder(self) -> OCSPResponder:
         """The delegated OCSP responder, rotated once 2/3 of its lifetime has passed."""
@@ -283,14 +401,18 @@ class Authority:
         now = self._clock()
         responder = await self.responder()
         answer = await self.ocsp_answer(serial)
-        return ocsp_mod.build_response(
-            serial=serial, answer=answer, issuer_cert=self.issuer.certificate,
+        return await asyncio.to_thread(
+            ocsp_mod.build_response, serial=serial, answer=answer, issuer_cert=self.issuer.certificate,
             responder_cert=responder.certificate, responder_signer=responder.signer,
             this_update=now, next_update=now + self.config.ocsp_validity,
             hash_algorithm=hash_algorithm, nonce=nonce)
 
-    async def ocsp(self, request_der: bytes) -> bytes:
-        """Answer a DER OCSP request; protocol errors become OCSP error responses (RFC 6960 2.3)."""
+    async def ocsp(self, request_der: bytes, *, cache=None) -> bytes:
+        """Answer a DER OCSP request; protocol errors become OCSP error responses (RFC 6960 2.3).
+
+        With `cache` (an object with `async cached(serial, algorithm) -> bytes`), requests
+        without a nonce are answered from it instead of being signed afresh.
+        """
         try:
             query = ocsp_mod.parse_request(request_der)
         except BadRequestError as exc:
@@ -298,7 +420,12 @@ class Authority:
             return ocsp_mod.error_response(x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
         if not ocsp_mod.is_for_issuer(query, self.issuer.certificate):
             return ocsp_mod.error_response(x509_ocsp.OCSPResponseStatus.UNAUTHORIZED)
+        if cache is not None and query.nonce is None:
+            return await cache.cached(query.serial, query.hash_algorithm)
         return await self.ocsp_response(query.serial, nonce=query.nonce, hash_algorithm=query.hash_algorithm)
+
+    def now(self) -> datetime:
+        return self._clock()
 
     # -- records ----------------------------------------------------------
 
@@ -306,9 +433,26 @@ class Authority:
         async with self.store.read() as tx:
             return await tx.list_certificates(device_id)
 
+    async def unexpired_certificates(self, after: str = "", limit: int = 1000) -> list[CertRecord]:
+        """One page of unexpired device certificates; pass the last serial_hex as `after` for the next."""
+        async with self.store.read() as tx:
+            return await tx.unexpired_certificates(self._clock(), after, limit)
+
     async def certificate(self, serial: int) -> CertRecord:
         async with self.store.read() as tx:
             return await self._certificate(tx, serial)
 
     async def devices(self) -> list[Device]:
         return await self.registry.list()
+
+
+def _idevid_serial(cert: x509.Certificate) -> str:
+    """IEEE 802.1AR: the IDevID subject carries the device's serialNumber attribute."""
+    values = cert.subject.get_attributes_for_oid(x509.NameOID.SERIAL_NUMBER)
+    if not values:
+        raise UnauthorizedError("the IDevID certificate has no serialNumber in its subject")
+    return str(values[0].value)
+
+
+def _same_maker(registered: str, manufacturer: str) -> bool:
+    return not registered or registered.casefold() == manufacturer.casefold()

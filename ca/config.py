@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -54,6 +54,18 @@ class ModelPolicy:
     """Per device model settings from [ca.models."<model>"]."""
 
     lifetime: timedelta | None = None
+    renewal_grace: timedelta | None = None
+
+
+@dataclass(frozen=True)
+class ApprovalPolicy:
+    """[ca.approval]: which first enrollments wait for `iomtca device approve`."""
+
+    criticality: frozenset[str] = frozenset()
+    models: frozenset[str] = frozenset()
+
+    def required(self, device) -> bool:
+        return device.criticality.value in self.criticality or device.model in self.models
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,9 @@ class CAConfig:
     ocsp_validity: timedelta = timedelta(hours=12)
     ocsp_signer_lifetime: timedelta = timedelta(days=7)
     token_ttl: timedelta = timedelta(days=7)
+    # How long after expiry a certificate still authenticates its own renewal.
+    renewal_grace: timedelta = timedelta(days=7)
+    approval: ApprovalPolicy = ApprovalPolicy()
     server_names: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
     passphrase_file: Path | None = None
     database: Path = Path("iomtca.db")
@@ -89,27 +104,52 @@ class CAConfig:
         except KeyError:
             raise ConfigError(f"unknown profile {name!r}") from None
 
-    def device_lifetime(self, model: str) -> timedelta:
+    def device_lifetime(self, model: str, profile: str = "device") -> timedelta:
         policy = self.models.get(model)
-        if policy and policy.lifetime:
+        if policy and policy.lifetime and profile == "device":
             return policy.lifetime
-        return self.profile("device").lifetime
+        return self.profile(profile).lifetime
+
+    def renewal_grace_for(self, model: str) -> timedelta:
+        policy = self.models.get(model)
+        return policy.renewal_grace if policy and policy.renewal_grace is not None else self.renewal_grace
 
 
 _CA_KEYS = {"trust_domain", "key_type", "base_url", "crl_next_update", "ocsp_validity",
-            "ocsp_signer_lifetime", "token_ttl", "server_names", "passphrase_file", "profiles", "models"}
+            "ocsp_signer_lifetime", "token_ttl", "renewal_grace", "server_names", "passphrase_file",
+            "profiles", "models", "approval"}
 
 
-def _duration(section: dict, key: str, default: timedelta, where: str) -> timedelta:
+def _duration(section: dict, key: str, default: timedelta | None, where: str,
+              allow_zero: bool = False) -> timedelta | None:
     if key not in section:
         return default
     try:
         value = parse_duration(str(section[key]))
     except BadRequestError as exc:
         raise ConfigError(f"{where}.{key}: {exc}") from exc
-    if value <= timedelta(0):
+    if value < timedelta(0) or (value == timedelta(0) and not allow_zero):
         raise ConfigError(f"{where}.{key} must be positive")
     return value
+
+
+def _profiles(section: dict) -> dict[str, profiles_mod.Profile]:
+    """Built-in profiles with lifetimes from config, plus new ones derived with `base = "..."`."""
+    result = dict(profiles_mod.BUILTIN)
+    for name, body in section.items():
+        base_name = body.get("base", name)
+        if base_name not in result:
+            raise ConfigError(f"[ca.profiles.{name}]: no base profile {base_name!r}; "
+                              f"add base = one of {', '.join(profiles_mod.BUILTIN)}")
+        if name not in result and "base" not in body:
+            raise ConfigError(f"[ca.profiles.{name}]: a new profile needs base = \"device\" or another")
+        unknown = set(body) - {"base", "lifetime"}
+        if unknown:
+            raise ConfigError(f"[ca.profiles.{name}]: unknown setting(s) {', '.join(sorted(unknown))}")
+        base = result[base_name]
+        result[name] = replace(base, name=name,
+                               lifetime=_duration(body, "lifetime", base.lifetime, f"ca.profiles.{name}"))
+    return result
 
 
 def load_config(paths: CAPaths) -> CAConfig:
@@ -135,16 +175,18 @@ def parse_config(raw: dict, home: Path) -> CAConfig:
     key_type = ca.get("key_type", defaults.key_type)
     if key_type not in KEY_TYPES:
         raise ConfigError(f"[ca] key_type {key_type!r} is not one of {', '.join(KEY_TYPES)}")
-    profiles = dict(profiles_mod.BUILTIN)
-    for name, section in ca.get("profiles", {}).items():
-        if name not in profiles:
-            raise ConfigError(f"[ca.profiles.{name}]: no such profile; known: {', '.join(profiles)}")
-        profiles[name] = profiles[name].with_lifetime(
-            _duration(section, "lifetime", profiles[name].lifetime, f"ca.profiles.{name}"))
+    profiles = _profiles(ca.get("profiles", {}))
     models = {
-        model: ModelPolicy(lifetime=_duration(section, "lifetime", None, f"ca.models.{model}"))
+        model: ModelPolicy(
+            lifetime=_duration(section, "lifetime", None, f"ca.models.{model}"),
+            renewal_grace=_duration(section, "renewal_grace", None, f"ca.models.{model}", allow_zero=True))
         for model, section in ca.get("models", {}).items()
     }
+    approval_section = ca.get("approval", {})
+    criticality = frozenset(approval_section.get("criticality", []))
+    if criticality - {"low", "medium", "high"}:
+        raise ConfigError("[ca.approval] criticality takes a list of low, medium, high")
+    approval = ApprovalPolicy(criticality, frozenset(approval_section.get("models", [])))
     passphrase_file = ca.get("passphrase_file")
     storage = raw.get("storage", {})
     return CAConfig(
@@ -155,6 +197,8 @@ def parse_config(raw: dict, home: Path) -> CAConfig:
         ocsp_validity=_duration(ca, "ocsp_validity", defaults.ocsp_validity, "ca"),
         ocsp_signer_lifetime=_duration(ca, "ocsp_signer_lifetime", defaults.ocsp_signer_lifetime, "ca"),
         token_ttl=_duration(ca, "token_ttl", defaults.token_ttl, "ca"),
+        renewal_grace=_duration(ca, "renewal_grace", defaults.renewal_grace, "ca", allow_zero=True),
+        approval=approval,
         server_names=tuple(ca.get("server_names", defaults.server_names)),
         passphrase_file=(home / passphrase_file) if passphrase_file else None,
         database=home / storage.get("path", str(defaults.database)),
@@ -182,6 +226,7 @@ def render_config(cfg: CAConfig, *, passphrase_file: str | None) -> str:
         f"ocsp_validity = {_toml_str(format_duration(cfg.ocsp_validity))}        # nextUpdate of OCSP responses",
         f"ocsp_signer_lifetime = {_toml_str(format_duration(cfg.ocsp_signer_lifetime))}  # rotated at 2/3 of it",
         f"token_ttl = {_toml_str(format_duration(cfg.token_ttl))}            # enrollment token lifetime",
+        f"renewal_grace = {_toml_str(format_duration(cfg.renewal_grace))}        # an expired certificate may renew itself this long",
         f"server_names = [{names}]   # SANs of the enrollment server certificate",
     ]
     if passphrase_file:
@@ -191,9 +236,20 @@ def render_config(cfg: CAConfig, *, passphrase_file: str | None) -> str:
         "[ca.profiles.device]",
         f"lifetime = {_toml_str(format_duration(cfg.profile('device').lifetime))}",
         "",
+        "# A further device profile, selected by an EST label (/.well-known/est/demo/...):",
+        "# [ca.profiles.demo]",
+        '# base = "device"',
+        '# lifetime = "2m"',
+        "",
         "# Per device model overrides, e.g.:",
         '# [ca.models."infusion-pump"]',
         '# lifetime = "48h"',
+        '# renewal_grace = "90d"     # a standby pump may sit in storage',
+        "",
+        "# First enrollments that wait for `iomtca device approve ID` (EST answers 202):",
+        "[ca.approval]",
+        "criticality = []           # e.g. [\"high\"]",
+        "models = []",
         "",
         "[storage]",
         f"path = {_toml_str(cfg.database.name)}",

@@ -77,6 +77,15 @@ class UnavailableError(CAError):
     code = "unavailable"
 
 
+class PendingApprovalError(CAError):
+    """The request is valid but waits for an engineer (`iomtca device approve`); retry later.
+
+    EST answers 202 Accepted with Retry-After (RFC 7030 4.2.3); MQTT answers "queued".
+    """
+
+    code = "pending_approval"
+
+
 class ConflictError(CAError):
     """The registry already holds what the request would create (duplicate device id)."""
 

@@ -1,11 +1,18 @@
 """Small validators composed by issuance: each checks one rule and raises a typed error."""
 from __future__ import annotations
 
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+import hmac
+from datetime import datetime, timedelta
 
-from .errors import KeyPolicyError, PolicyViolationError, ProofOfPossessionError, RevokedError
-from .model import Device, DeviceStatus, spiffe_id
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import AttributeOID
+
+from .errors import (KeyPolicyError, PolicyViolationError, ProofOfPossessionError, RevokedError,
+                     UnauthorizedError)
+from .model import CertRecord, CertStatus, Device, DeviceStatus, serial_hex, spiffe_id
 from .profiles import Profile
 
 _CURVES = {"secp256r1": "ec-p256", "secp384r1": "ec-p384", "secp521r1": "ec-p521"}
@@ -78,3 +85,60 @@ def csr_names_this_device(csr: x509.CertificateSigningRequest, device: Device, t
         raise PolicyViolationError(
             f"CSR asks for subject alternative name {value!r}, which is not device {device.id}"
         )
+
+
+# MQTT contract: a CMS-signed renewal's signingTime must be within 10 minutes of now.
+SIGNING_TIME_WINDOW = timedelta(minutes=10)
+
+
+def renewal_allowed(record: CertRecord | None, cert: x509.Certificate, issuer_cert: x509.Certificate,
+                    now: datetime, grace: timedelta) -> CertRecord:
+    """The presented certificate may authenticate a renewal: ours, on file, not revoked,
+    and valid or expired for less than `grace` (devices come back from long offline windows)."""
+    try:
+        cert.verify_directly_issued_by(issuer_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        raise UnauthorizedError("the presented certificate was not issued by this CA") from None
+    if record is None or record.der != cert.public_bytes(serialization.Encoding.DER):
+        raise UnauthorizedError(f"certificate {serial_hex(cert.serial_number)} is not on file at this CA")
+    if record.device_id is None:
+        raise UnauthorizedError("the presented certificate is not a device certificate")
+    if record.status is CertStatus.REVOKED:
+        raise RevokedError(f"certificate {serial_hex(record.serial)} is revoked ({record.reason.name})")
+    if record.status is CertStatus.HOLD:
+        raise RevokedError(f"certificate {serial_hex(record.serial)} is on hold; ask an engineer to release it")
+    if now < record.not_before:
+        raise UnauthorizedError(f"certificate {serial_hex(record.serial)} is not valid yet")
+    if now > record.not_after + grace:
+        raise UnauthorizedError(
+            f"certificate {serial_hex(record.serial)} expired at {record.not_after.isoformat()}, more than "
+            f"{grace} ago (the renewal grace period); enroll again with a new token")
+    return record
+
+
+def same_device(record: CertRecord, device_id: str | None) -> None:
+    """A renewal names its device (MQTT topic); the certificate must belong to that device."""
+    if device_id is not None and record.device_id != device_id:
+        raise UnauthorizedError(
+            f"request for device {device_id} is signed with the certificate of device {record.device_id}")
+
+
+def signed_recently(signed_at: datetime | None, now: datetime) -> None:
+    if signed_at is None:
+        raise UnauthorizedError("signed renewal carries no signingTime")
+    if abs(now - signed_at) > SIGNING_TIME_WINDOW:
+        raise UnauthorizedError(
+            f"signingTime {signed_at.isoformat()} is more than 10 minutes from now (replayed or clock wrong)")
+
+
+def channel_bound(csr: x509.CertificateSigningRequest, expected: str) -> None:
+    """RFC 7030 3.5: the CSR's challengePassword must carry this TLS connection's binding."""
+    try:
+        value = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD).value
+    except x509.AttributeNotFound:
+        raise UnauthorizedError("CSR carries no challengePassword with the TLS channel binding "
+                                "(RFC 7030 3.5)") from None
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    if not hmac.compare_digest(text.strip().encode(), expected.encode()):
+        raise UnauthorizedError("CSR challengePassword does not match this TLS connection's channel binding "
+                                "(the CSR was made for another connection)")

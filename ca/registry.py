@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 from .errors import BadRequestError, ConflictError, PolicyViolationError, TokenExpiredError, TokenUsedError, UnauthorizedError, UnknownDeviceError
 from .model import AuditEvent, Criticality, Device, DeviceStatus, Token, check_device_id
-from .store import Store, Tx
+from .store import Store, TokenRow, Tx
 from .timefmt import Clock, utc_now
 from .udi import parse_udi
 
@@ -46,8 +46,8 @@ def new_device(
         udi_di=udi_di, udi_pi=udi_pi, asset_tag=asset_tag.strip())
 
 
-async def check_token(tx: Tx, device_id: str, secret: str, now: datetime) -> None:
-    """Consume the device's one-time token inside the caller's transaction or raise."""
+async def find_token(tx: Tx, device_id: str, secret: str, now: datetime) -> TokenRow:
+    """The device's live token matching `secret`, or the reason it does not count."""
     offered = token_digest(secret)
     match = None
     for row in await tx.live_tokens(device_id):
@@ -60,7 +60,7 @@ async def check_token(tx: Tx, device_id: str, secret: str, now: datetime) -> Non
         raise TokenUsedError(f"enrollment token for device {device_id} was already used")
     if match.expires_at <= now:
         raise TokenExpiredError(f"enrollment token for device {device_id} expired; ask for a new one (iomtca device token)")
-    await tx.mark_token_used(match.id, now)
+    return match
 
 
 class Registry:

@@ -55,6 +55,8 @@ def format_duration(delta: timedelta) -> str:
         return "0s"
     parts = []
     for unit, size in _UNITS.items():
+        if unit == "w":  # "7d" reads better than "1w"
+            continue
         count, seconds = divmod(seconds, size)
         if count:
             parts.append(f"{count}{unit}")

@@ -60,6 +60,15 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=token)
 
+    p = dsub.add_parser("approve", parents=[common],
+                        help="let a device's first enrollment through (devices of classes in [ca.approval])")
+    p.add_argument("device_id", metavar="ID")
+    p.set_defaults(func=approve)
+
+    p = dsub.add_parser("pending", parents=[common], help="list enrollments waiting for approval")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=pending)
+
     p = dsub.add_parser("decommission", parents=[common],
                         help="retire a device: revoke its certificates (cessationOfOperation), burn its tokens")
     p.add_argument("device_id", metavar="ID")
@@ -220,4 +229,21 @@ async def decommission(args) -> int:
           " with cessationOfOperation; its tokens no longer work")
     for serial in revoked:
         print(f"  {serial_hex(serial)}")
+    return 0
+
+
+async def approve(args) -> int:
+    async with await Authority.open(args.dir) as authority:
+        await authority.approve(args.device_id, actor=f"operator:{operator().name}")
+    print(f"approved: the next enrollment of device {args.device_id} gets its certificate")
+    return 0
+
+
+async def pending(args) -> int:
+    async with await Authority.open(args.dir) as authority:
+        rows = [{"device_id": d, "requested_at": to_rfc3339(at)} for d, at in await authority.pending_approvals()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_table(rows, ["device_id", "requested_at"])
     return 0

@@ -38,9 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="move an existing CA directory aside and start anew")
     p.set_defaults(func=init_cmd.run)
 
+    p = sub.add_parser("serve", parents=[common], help="run the EST server and the OCSP/CRL responder")
+    p.add_argument("--listen", metavar="HOST:PORT", help="HTTPS listener (EST, RA API); default 127.0.0.1:8443")
+    p.add_argument("--http-listen", metavar="HOST:PORT", help="plain-HTTP OCSP/CRL listener; default 127.0.0.1:8080")
+    p.set_defaults(func=serve_cmd, log_level=logging.INFO)
+
     device_cmds.add_parsers(sub, common)
     cert_cmds.add_parsers(sub, common)
     return parser
+
+
+async def serve_cmd(args) -> int:
+    from enroll.server import serve
+    await serve(args.dir, listen=args.listen, http_listen=args.http_listen)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dir is None:
         args.dir = default_home()
     # Without -v the CLI speaks only through its own one-line messages.
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL,
+    quiet = getattr(args, "log_level", logging.CRITICAL)  # servers log at INFO, admin commands stay quiet
+    logging.basicConfig(level=logging.INFO if args.verbose else quiet,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
     try:
         return asyncio.run(args.func(args)) or 0

@@ -88,6 +88,21 @@ MIGRATIONS: list[str] = [
         hash TEXT NOT NULL
     );
     """,
+    # 2: a feed of status changes (revoke, hold, release) that responders and the
+    # gateway follow by id, and enrollment approvals.
+    """
+    CREATE TABLE status_changes (
+        id INTEGER PRIMARY KEY,
+        serial TEXT NOT NULL,
+        at TEXT NOT NULL
+    );
+    CREATE TABLE approvals (
+        device_id TEXT PRIMARY KEY REFERENCES devices(id),
+        requested_at TEXT NOT NULL,
+        approved_at TEXT,
+        approved_by TEXT
+    );
+    """,
 ]
 
 _DEVICE_COLUMNS = ("id, model, owner, location, criticality, firmware, manufacturer, serial_number, "
@@ -203,6 +218,11 @@ class SQLiteTx:
                                    (device_id,))
         return [_cert(r) for r in rows]
 
+    async def unexpired_certificates(self, now, after="", limit=1000):
+        rows = await self._all(_CERT_SELECT + " WHERE c.device_id IS NOT NULL AND c.not_after > ? AND c.serial > ?"
+                               " ORDER BY c.serial LIMIT ?", (_ts(now), after, limit))
+        return [_cert(r) for r in rows]
+
     async def revoke(self, serial, reason, at) -> None:
         status = CertStatus.HOLD if reason is RevocationReason.certificateHold else CertStatus.REVOKED
         key = serial_hex(serial)
@@ -212,12 +232,46 @@ class SQLiteTx:
         await self._c.execute("INSERT INTO revocations (serial, reason, revoked_at) VALUES (?,?,?)",
                               (key, reason.value, _ts(at)))
         await self._c.execute("UPDATE certificates SET status = ? WHERE serial = ?", (status.value, key))
+        await self._c.execute("INSERT INTO status_changes (serial, at) VALUES (?, ?)", (key, _ts(at)))
 
     async def release(self, serial, at) -> None:
         key = serial_hex(serial)
         await self._c.execute("UPDATE revocations SET released_at = ? WHERE serial = ? AND released_at IS NULL",
                               (_ts(at), key))
         await self._c.execute("UPDATE certificates SET status = 'good' WHERE serial = ?", (key,))
+        await self._c.execute("INSERT INTO status_changes (serial, at) VALUES (?, ?)", (key, _ts(at)))
+
+    async def status_changes_after(self, after_id, limit=1000):
+        rows = await self._all("SELECT id, serial FROM status_changes WHERE id > ? ORDER BY id LIMIT ?",
+                               (after_id, limit))
+        return [(row_id, int(serial, 16)) for row_id, serial in rows]
+
+    async def last_status_change(self) -> int:
+        return (await self._one("SELECT COALESCE(MAX(id), 0) FROM status_changes"))[0]
+
+    # approvals
+    async def get_approval(self, device_id):
+        row = await self._one("SELECT requested_at, approved_at, approved_by FROM approvals WHERE device_id = ?",
+                              (device_id,))
+        return None if row is None else (_dt(row[0]), _dt(row[1]), row[2])
+
+    async def request_approval(self, device_id, at) -> None:
+        await self._c.execute("INSERT OR IGNORE INTO approvals (device_id, requested_at) VALUES (?, ?)",
+                              (device_id, _ts(at)))
+
+    async def approve(self, device_id, at, by) -> None:
+        await self._c.execute(
+            "INSERT INTO approvals (device_id, requested_at, approved_at, approved_by) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(device_id) DO UPDATE SET approved_at = excluded.approved_at, "
+            "approved_by = excluded.approved_by", (device_id, _ts(at), _ts(at), by))
+
+    async def clear_approval(self, device_id) -> None:
+        await self._c.execute("DELETE FROM approvals WHERE device_id = ?", (device_id,))
+
+    async def pending_approvals(self):
+        rows = await self._all("SELECT device_id, requested_at FROM approvals WHERE approved_at IS NULL "
+                               "ORDER BY requested_at")
+        return [(device_id, _dt(at)) for device_id, at in rows]
 
     async def active_revocations(self, not_expired_at):
         rows = await self._all(

@@ -1,0 +1,63 @@
+"""How a caller proves the right to a device certificate: one type per kind of proof."""
+from __future__ import annotations
+
+import getpass
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+
+
+@dataclass(frozen=True)
+class TokenAuth:
+    """The device's one-time enrollment token (EST Basic auth, MQTT `token`)."""
+
+    secret: str
+
+
+@dataclass(frozen=True)
+class OperatorAuth:
+    """An engineer at the admin CLI vouches for the CSR (manual onboarding)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class CertificateAuth:
+    """The device's current certificate as TLS client certificate (EST simplereenroll)."""
+
+    certificate: x509.Certificate
+
+
+@dataclass(frozen=True)
+class SignedRequestAuth(CertificateAuth):
+    """The device's current certificate as signer of a CMS-signed CSR (MQTT simplereenroll);
+    `signing_time` is the CMS signingTime attribute, None when the request carried none."""
+
+    signing_time: datetime | None = None
+
+
+@dataclass(frozen=True)
+class IDevIDAuth:
+    """A manufacturer-installed identity (IEEE 802.1AR IDevID) from a configured manufacturer root."""
+
+    certificate: x509.Certificate
+    manufacturer: str
+
+
+Credential = TokenAuth | OperatorAuth | CertificateAuth | SignedRequestAuth | IDevIDAuth
+
+
+def operator() -> OperatorAuth:
+    try:
+        return OperatorAuth(getpass.getuser())
+    except Exception:  # no passwd entry in some containers
+        return OperatorAuth("unknown")
+
+
+def actor(credential: Credential, device_id: str) -> str:
+    if isinstance(credential, OperatorAuth):
+        return f"operator:{credential.name}"
+    if isinstance(credential, IDevIDAuth):
+        return f"device:{device_id}:idevid"
+    return f"device:{device_id}"

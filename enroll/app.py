@@ -1,0 +1,42 @@
+"""Application factories: the HTTPS app (EST, RA API, and the responders) and the plain-HTTP
+responder app (OCSP and CRL only, as RFC 5280 and RFC 6960 relying parties expect)."""
+from __future__ import annotations
+
+from concurrent.futures import Executor
+from datetime import timedelta
+
+from aiohttp import web
+
+from ca.authority import Authority
+from ca.ratelimit import FailureLimiter
+
+from . import est, ra, responder
+from .config import EnrollConfig
+from .middleware import errors
+from .publication import Publisher
+from .state import AUTHORITY, CONFIG, KEYGEN, PUBLISHER, SOURCE_FAILURES
+
+
+def _base(authority: Authority, config: EnrollConfig, publisher: Publisher, middlewares) -> web.Application:
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_body)
+    app[AUTHORITY] = authority
+    app[CONFIG] = config
+    app[PUBLISHER] = publisher
+    return app
+
+
+def create_app(authority: Authority, config: EnrollConfig, publisher: Publisher, keygen: Executor) -> web.Application:
+    app = _base(authority, config, publisher, [errors, ra.ra_only])
+    app[KEYGEN] = keygen
+    app[SOURCE_FAILURES] = FailureLimiter(limit=config.source_failures, window=timedelta(minutes=15),
+                                          what="address", clock=authority.now)
+    est.add_routes(app)
+    ra.add_routes(app)
+    responder.add_routes(app)
+    return app
+
+
+def create_responder_app(authority: Authority, config: EnrollConfig, publisher: Publisher) -> web.Application:
+    app = _base(authority, config, publisher, [errors])
+    responder.add_routes(app)
+    return app

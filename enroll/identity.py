@@ -1,0 +1,93 @@
+"""Who is calling: HTTP Basic credentials and the TLS client certificate, turned into credentials.
+
+The client certificate comes from the TLS connection itself. A reverse proxy's
+client-certificate header is used only when the request comes from an address
+listed in `trusted_proxies`; everyone else's is ignored. Either way the
+certificate is verified here against this CA or a configured manufacturer, and
+its validity period is checked (the TLS layer leaves time to us, see tls.py).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import urllib.parse
+from dataclasses import dataclass
+from datetime import datetime
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from ca.credentials import CertificateAuth, IDevIDAuth, TokenAuth
+from ca.errors import BadRequestError, UnauthorizedError
+
+from .config import EnrollConfig
+
+
+@dataclass(frozen=True)
+class BasicCredentials:
+    device_id: str
+    token: TokenAuth
+
+
+def basic_credentials(request: web.Request) -> BasicCredentials | None:
+    header = request.headers.get("Authorization")
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        raise UnauthorizedError(f"unsupported authorization scheme {scheme!r}; use Basic")
+    try:
+        user, sep, password = base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        raise BadRequestError("malformed Basic authorization header") from None
+    if not sep or not user or not password:
+        raise UnauthorizedError("Basic credentials need the device id as user and the enrollment token as password")
+    return BasicCredentials(user, TokenAuth(password))
+
+
+def peer_certificate(request: web.Request, config: EnrollConfig) -> x509.Certificate | None:
+    """The client certificate of this request: from TLS, or from a trusted proxy's header."""
+    proxy_value = request.headers.get(config.proxy_cert_header)
+    if proxy_value and _from_trusted_proxy(request, config):
+        try:
+            return x509.load_pem_x509_certificate(urllib.parse.unquote(proxy_value).encode())
+        except ValueError as exc:
+            raise BadRequestError(f"proxy client-certificate header is not a PEM certificate: {exc}") from exc
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der) if der else None
+
+
+def _from_trusted_proxy(request: web.Request, config: EnrollConfig) -> bool:
+    if not config.trusted_proxies or not request.remote:
+        return False
+    try:
+        address = ipaddress.ip_address(request.remote)
+    except ValueError:
+        return False
+    return any(address in net for net in config.trusted_proxies)
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+        return True
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+
+
+def classify(cert: x509.Certificate, issuing_ca: x509.Certificate, config: EnrollConfig,
+             now: datetime) -> CertificateAuth | IDevIDAuth | None:
+    """Ours (a device or RA certificate), a manufacturer's IDevID, or nobody we know."""
+    if _issued_by(cert, issuing_ca):
+        return CertificateAuth(cert)  # validity is judged by the renewal policy (grace period)
+    for maker in config.idevid:
+        if any(_issued_by(cert, ca) for ca in maker.certificates):
+            if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+                raise UnauthorizedError(f"the IDevID certificate of {maker.manufacturer} is outside its validity")
+            return IDevIDAuth(cert, maker.manufacturer)
+    return None

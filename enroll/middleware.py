@@ -1,0 +1,62 @@
+"""The one map from CAError codes to HTTP answers, and the error middleware that applies it.
+
+EST and the CRL/OCSP endpoints answer in plain text; the RA API (paths under /ra/)
+answers JSON `{"code": ..., "message": ...}` so the gateway can relay the code.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+
+from ca.errors import CAError
+
+from .state import CONFIG
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS = {
+    "bad_request": 400,
+    "unauthorized": 401,
+    "unknown_device": 401,       # an unknown Basic user is a failed login, as for any HTTP server
+    "revoked": 403,
+    "posture_noncompliant": 403,
+    "policy_violation": 403,
+    "rate_limited": 429,
+    "unavailable": 503,
+    "pending_approval": 202,     # RFC 7030 4.2.3: accepted, retry later
+    "internal": 500,
+}
+REALM = 'Basic realm="iomt-ca EST", charset="UTF-8"'
+
+
+def error_response(request: web.Request, exc: CAError) -> web.Response:
+    status = HTTP_STATUS.get(exc.code, 500)
+    headers = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = REALM
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    if request.path.startswith("/ra/"):
+        body = json.dumps({"code": exc.code, "message": exc.message, "retry_after": exc.retry_after})
+        return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+    return web.Response(status=status, text=exc.message + "\n", content_type="text/plain", headers=headers)
+
+
+@web.middleware
+async def errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except CAError as exc:
+        log.info("refused %s %s from %s: %s %s", request.method, request.path, request.remote, exc.code, exc)
+        return error_response(request, exc)
+    except web.HTTPException as exc:
+        if exc.status == 413:  # aiohttp's body limit: say it in our words
+            limit = request.app[CONFIG].max_body
+            return web.Response(status=413, text=f"request body over the {limit}-byte limit\n",
+                                content_type="text/plain")
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return web.Response(status=500, text="internal error; see the server log\n", content_type="text/plain")

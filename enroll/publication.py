@@ -1,0 +1,112 @@
+"""What the responders serve, kept fresh: signed OCSP responses cached per certificate,
+and the current CRL, both renewed when a status changes and before they go stale.
+
+A follower task polls the store's status-change feed (every 250 ms by default), so a
+revocation made by any process (the CLI, another worker) reaches OCSP and /crl
+within a second. A lookup without a nonce is served from the cache: no signing on
+the hot path.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509 import ocsp as x509_ocsp
+
+from ca.authority import Authority
+
+log = logging.getLogger(__name__)
+
+# CertID hash algorithms a cached response may be keyed by (cryptography's names).
+CERT_ID_HASHES = ("sha1", "sha224", "sha256", "sha384", "sha512")
+
+
+@dataclass(frozen=True)
+class Published:
+    der: bytes
+    this_update: datetime
+    next_update: datetime
+
+
+class Publisher:
+    def __init__(self, authority: Authority, *, cache_size: int, poll: timedelta) -> None:
+        self._authority = authority
+        self._cache: OrderedDict[tuple[int, str], Published] = OrderedDict()
+        self._cache_size = cache_size
+        self._poll = poll.total_seconds()
+        self._crl: Published | None = None
+        self._crl_lock = asyncio.Lock()
+        self._seen = 0
+        self.changed = asyncio.Condition()   # notified after each batch of status changes
+
+    @property
+    def last_change(self) -> int:
+        return self._seen
+
+    async def start(self) -> None:
+        self._seen = await self._authority.last_status_change()
+        await self.crl()
+
+    async def follow(self) -> None:
+        """Run until cancelled: apply status changes as they appear in the store."""
+        while True:
+            try:
+                await self.refresh_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("status follower failed; retrying")
+            await asyncio.sleep(self._poll)
+
+    async def refresh_once(self) -> None:
+        changes = await self._authority.status_changes(self._seen)
+        if changes:
+            for _, serial in changes:
+                for name in CERT_ID_HASHES:
+                    self._cache.pop((serial, name), None)
+            self._seen = changes[-1][0]
+            await self.crl(force=True)
+            log.info("status changes applied up to %d (%d serials)", self._seen, len(changes))
+            async with self.changed:
+                self.changed.notify_all()
+        elif self._crl and self._stale(self._crl):
+            await self.crl(force=True)
+
+    def _stale(self, item: Published) -> bool:
+        # renew at half of the validity, so relying parties never hold an expired answer
+        return self._authority.now() >= item.this_update + (item.next_update - item.this_update) / 2
+
+    async def crl(self, force: bool = False) -> Published:
+        async with self._crl_lock:
+            if force or self._crl is None or self._stale(self._crl):
+                der = await self._authority.crl()
+                crl = x509.load_der_x509_crl(der)
+                self._crl = Published(der, crl.last_update_utc, crl.next_update_utc)
+            return self._crl
+
+    async def ocsp(self, request_der: bytes) -> bytes:
+        """Answer one DER OCSP request; nonce requests are signed fresh, others come from the cache."""
+        return await self._authority.ocsp(request_der, cache=self)
+
+    async def cached(self, serial: int, algorithm: hashes.HashAlgorithm | None = None) -> bytes:
+        return (await self.cached_response(serial, algorithm)).der
+
+    async def cached_response(self, serial: int, algorithm: hashes.HashAlgorithm | None = None) -> Published:
+        algorithm = algorithm or hashes.SHA1()
+        key = (serial, algorithm.name)
+        item = self._cache.get(key)
+        if item is None or self._stale(item):
+            der = await self._authority.ocsp_response(serial, hash_algorithm=algorithm)
+            resp = x509_ocsp.load_der_ocsp_response(der)
+            item = Published(der, resp.this_update_utc, resp.next_update_utc)
+            self._cache[key] = item
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(key)
+        return item

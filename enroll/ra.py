@@ -1,0 +1,189 @@
+"""The registration-authority API the MQTT gateway calls, with its RA client certificate.
+
+The gateway relays each device's own proof (its token, or its CMS-signed renewal)
+and the CA verifies it: a compromised gateway cannot mint certificates. JSON in
+and out; errors are `{"code", "message"}` with the MQTT contract's codes.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+from aiohttp import web
+
+from ca import cms
+from ca.codec import b64decode_strict, cert_der, load_csr
+from ca.credentials import CertificateAuth, SignedRequestAuth, TokenAuth
+from ca.errors import BadRequestError, CAError, PolicyViolationError
+from ca.model import CertStatus, Issued, check_device_id, parse_serial, serial_hex
+from ca.timefmt import to_rfc3339
+
+from . import codec
+from .est import DEFAULT_DEVICE_KEY
+from .identity import classify, peer_certificate
+from .state import AUTHORITY, CONFIG, PUBLISHER
+
+MAX_WAIT_S = 30
+
+
+class ForbiddenError(PolicyViolationError):
+    """The caller is not the gateway."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+async def _require_ra(request: web.Request) -> None:
+    authority, config = request.app[AUTHORITY], request.app[CONFIG]
+    cert = peer_certificate(request, config)
+    credential = classify(cert, authority.issuer.certificate, config, authority.now()) if cert else None
+    if isinstance(credential, CertificateAuth):
+        try:
+            record = await authority.certificate(cert.serial_number)
+        except CAError:
+            record = None
+        now = authority.now()
+        if (record is not None and record.profile == "gateway" and record.status is CertStatus.GOOD
+                and record.not_before <= now <= record.not_after):
+            return
+    raise ForbiddenError("the RA API requires the gateway's registration-authority client certificate")
+
+
+@web.middleware
+async def ra_only(request: web.Request, handler):
+    if request.path.startswith("/ra/"):
+        await _require_ra(request)
+    return await handler(request)
+
+
+async def _json(request: web.Request) -> dict:
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(text="Content-Type must be application/json\n")
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequestError(f"request body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequestError("request body must be a JSON object")
+    return body
+
+
+def _field(body: dict, name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadRequestError(f"field {name!r} is missing or not a string")
+    return value
+
+
+def _issued_json(issued: Issued) -> web.Response:
+    return web.json_response({
+        "status": "ok", "cert": _b64(cert_der(issued.certificate)),
+        "chain": [_b64(cert_der(c)) for c in issued.chain[:1]],
+        "not_after": to_rfc3339(issued.not_after), "serial": serial_hex(issued.serial),
+    })
+
+
+def _device_id(request: web.Request) -> str:
+    return check_device_id(request.match_info["device_id"])
+
+
+async def simpleenroll(request: web.Request) -> web.Response:
+    device_id = _device_id(request)
+    body = await _json(request)
+    csr = load_csr(b64decode_strict(_field(body, "csr"), "csr"))
+    issued = await request.app[AUTHORITY].enroll(device_id, csr, TokenAuth(_field(body, "token")))
+    return _issued_json(issued)
+
+
+async def simplereenroll(request: web.Request) -> web.Response:
+    device_id = _device_id(request)
+    body = await _json(request)
+    signed = cms.verify_signed_request(b64decode_strict(_field(body, "cms"), "cms"))
+    csr = load_csr(signed.csr_der)
+    credential = SignedRequestAuth(signed.signer, signing_time=signed.signing_time)
+    return _issued_json(await request.app[AUTHORITY].renew(device_id, csr, credential))
+
+
+async def presence(request: web.Request) -> web.Response:
+    body = await _json(request)
+    online = body.get("online")
+    if not isinstance(online, bool):
+        raise BadRequestError("field 'online' must be true or false")
+    await request.app[AUTHORITY].record_presence(_device_id(request), online=online)
+    return web.json_response({"status": "ok"})
+
+
+async def posture(request: web.Request) -> web.Response:
+    await request.app[AUTHORITY].record_posture(_device_id(request), await _json(request))
+    return web.json_response({"status": "ok"})
+
+
+async def cacerts(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok",
+                              "certs": [_b64(cert_der(c)) for c in request.app[AUTHORITY].issuer.chain]})
+
+
+async def csrattrs(request: web.Request) -> web.Response:
+    attrs = codec.encode_csrattrs([DEFAULT_DEVICE_KEY], challenge_password=False)
+    return web.json_response({"status": "ok", "csrattrs": _b64(attrs), "key_types": [DEFAULT_DEVICE_KEY]})
+
+
+async def status_changes(request: web.Request) -> web.Response:
+    """Long poll: revocations, holds and releases after change id `after` (waits up to `wait` s)."""
+    try:
+        after = int(request.query.get("after", "0"))
+        wait = min(float(request.query.get("wait", "0")), MAX_WAIT_S)
+    except ValueError:
+        raise BadRequestError("after must be an integer and wait a number of seconds") from None
+    authority, publisher = request.app[AUTHORITY], request.app[PUBLISHER]
+    changes = await authority.status_changes(after)
+    if not changes and wait > 0:
+        try:
+            async with publisher.changed:
+                await asyncio.wait_for(publisher.changed.wait(), wait)
+        except asyncio.TimeoutError:
+            pass
+        changes = await authority.status_changes(after)
+    items = []
+    for change_id, serial in changes:
+        record = await authority.certificate(serial)
+        items.append({"id": change_id, "serial": serial_hex(serial), "device_id": record.device_id,
+                      "status": record.status.value, "reason": record.reason.name if record.reason else None,
+                      "at": to_rfc3339(record.revoked_at) if record.revoked_at else None})
+    return web.json_response({"last": changes[-1][0] if changes else after, "changes": items})
+
+
+async def certificates(request: web.Request) -> web.Response:
+    """Unexpired device certificates, paged by serial (`after`, `limit` <= 1000)."""
+    try:
+        limit = max(1, min(int(request.query.get("limit", "1000")), 1000))
+    except ValueError:
+        raise BadRequestError("limit must be an integer") from None
+    after = request.query.get("after", "")
+    if after:
+        after = serial_hex(parse_serial(after))
+    records = await request.app[AUTHORITY].unexpired_certificates(after, limit)
+    return web.json_response({"certificates": [
+        {"serial": serial_hex(r.serial), "device_id": r.device_id, "not_after": to_rfc3339(r.not_after),
+         "status": r.status.value} for r in records]})
+
+
+async def ocsp(request: web.Request) -> web.Response:
+    serial = parse_serial(request.match_info["serial"])
+    der = await request.app[PUBLISHER].cached(serial)
+    return web.Response(body=der, headers={"Content-Type": "application/ocsp-response"})
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/ra/v1/devices/{device_id}/simpleenroll", simpleenroll)
+    r.add_post("/ra/v1/devices/{device_id}/simplereenroll", simplereenroll)
+    r.add_post("/ra/v1/devices/{device_id}/presence", presence)
+    r.add_post("/ra/v1/devices/{device_id}/posture", posture)
+    r.add_get("/ra/v1/cacerts", cacerts)
+    r.add_get("/ra/v1/csrattrs", csrattrs)
+    r.add_get("/ra/v1/status-changes", status_changes)
+    r.add_get("/ra/v1/certificates", certificates)
+    r.add_get("/ra/v1/ocsp/{serial}", ocsp)

@@ -1,0 +1,87 @@
+"""OCSP (RFC 6960, RFC 5019 GET) and CRL distribution over plain HTTP, plus the caIssuers certificate."""
+from __future__ import annotations
+
+import urllib.parse
+from datetime import datetime
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509 import ocsp as x509_ocsp
+
+from ca import ocsp as ocsp_mod
+from ca.codec import b64decode_strict
+from ca.errors import BadRequestError
+
+from .state import AUTHORITY, PUBLISHER
+
+CT_OCSP_REQUEST = "application/ocsp-request"
+CT_OCSP_RESPONSE = "application/ocsp-response"
+MAX_OCSP_REQUEST = 10 * 1024
+
+
+def _http_date(when: datetime) -> str:
+    return when.strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+def _ocsp_answer(der: bytes) -> web.Response:
+    return web.Response(body=der, headers={"Content-Type": CT_OCSP_RESPONSE, "Cache-Control": "no-cache"})
+
+
+async def ocsp_post(request: web.Request) -> web.Response:
+    if request.content_type != CT_OCSP_REQUEST:
+        raise web.HTTPUnsupportedMediaType(text=f"Content-Type must be {CT_OCSP_REQUEST}\n")
+    body = await request.read()
+    if len(body) > MAX_OCSP_REQUEST:
+        raise web.HTTPRequestEntityTooLarge(max_size=MAX_OCSP_REQUEST, actual_size=len(body))
+    return _ocsp_answer(await request.app[PUBLISHER].ocsp(body))
+
+
+async def ocsp_get(request: web.Request) -> web.Response:
+    """RFC 6960 A.1 / RFC 5019 5: GET {url}/{url-encoding of base64 of DER request}."""
+    encoded = urllib.parse.unquote(request.match_info["request"])
+    try:
+        der = b64decode_strict(encoded, "OCSP request")
+    except BadRequestError:
+        return _ocsp_answer(ocsp_mod.error_response(x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST))
+    answer = await request.app[PUBLISHER].ocsp(der)
+    response = _ocsp_answer(answer)
+    try:
+        parsed = x509_ocsp.load_der_ocsp_response(answer)
+        if (parsed.response_status is x509_ocsp.OCSPResponseStatus.SUCCESSFUL
+                and parsed.next_update_utc is not None and not _has_nonce(parsed)):
+            # RFC 5019 6.2: cacheable answers say for how long
+            now = request.app[AUTHORITY].now()
+            max_age = max(0, int((parsed.next_update_utc - now).total_seconds()) // 2)
+            response.headers["Cache-Control"] = f"max-age={max_age}, public, no-transform, must-revalidate"
+            response.headers["Last-Modified"] = _http_date(parsed.this_update_utc)
+            response.headers["Expires"] = _http_date(parsed.next_update_utc)
+    except ValueError:
+        pass
+    return response
+
+
+def _has_nonce(parsed: x509_ocsp.OCSPResponse) -> bool:
+    return any(isinstance(e.value, x509.OCSPNonce) for e in parsed.extensions)
+
+
+async def crl(request: web.Request) -> web.Response:
+    published = await request.app[PUBLISHER].crl()
+    return web.Response(body=published.der, headers={
+        "Content-Type": "application/pkix-crl",
+        "Last-Modified": _http_date(published.this_update),
+        "Expires": _http_date(published.next_update),
+    })
+
+
+async def ca_cert(request: web.Request) -> web.Response:
+    der = request.app[AUTHORITY].issuer.certificate.public_bytes(serialization.Encoding.DER)
+    return web.Response(body=der, headers={"Content-Type": "application/pkix-cert"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/ocsp", ocsp_post)
+    app.router.add_post("/ocsp/", ocsp_post)
+    app.router.add_get("/ocsp/{request:.+}", ocsp_get)
+    app.router.add_get("/crl", crl)
+    app.router.add_get("/ca.cer", ca_cert)

@@ -1,0 +1,18 @@
+"""Typed keys for what the aiohttp applications share (aiohttp `web.AppKey`)."""
+from __future__ import annotations
+
+from concurrent.futures import Executor
+
+from aiohttp import web
+
+from ca.authority import Authority
+from ca.ratelimit import FailureLimiter
+
+from .config import EnrollConfig
+from .publication import Publisher
+
+AUTHORITY = web.AppKey("authority", Authority)
+CONFIG = web.AppKey("config", EnrollConfig)
+PUBLISHER = web.AppKey("publisher", Publisher)
+KEYGEN = web.AppKey("keygen", Executor)
+SOURCE_FAILURES = web.AppKey("source_failures", FailureLimiter)
