@@ -16,6 +16,7 @@ from typing import Callable
 from cryptography import x509
 from cryptography.x509 import ocsp as x509_ocsp
 
+from . import attendance
 from . import crl as crl_mod
 from . import policy
 from . import ocsp as ocsp_mod
@@ -150,11 +151,16 @@ class Authority:
             async with self.store.write() as tx:
                 record = await tx.get_certificate(cert.serial_number)
                 device = await tx.get_device(record.device_id) if record and record.device_id else None
-                grace = self.config.renewal_grace_for(device.model if device else "")
+                if device is not None and record.status is CertStatus.HOLD:
+                    # a device held for being away may be released by coming back
+                    if record.serial in await attendance.release_returned(tx, self.config, device, now):
+                        record = await tx.get_certificate(cert.serial_number)
+                grace = self.config.renewal_grace_for(device) if device else timedelta(0)
                 record = policy.renewal_allowed(record, cert, self.issuer.certificate, now, grace)
                 policy.same_device(record, device_id)
                 device_id, who = record.device_id, f"device:{record.device_id}"
                 policy.device_active(device)
+                policy.posture_ok(device, self.config.min_firmware_for(device))
                 issued = await self._issue(tx, csr, device, record.profile, now, who, "certificate_renewed",
                                            renews=record.serial)
         except CAError as exc:
@@ -213,7 +219,7 @@ class Authority:
         # Signing runs in a thread (cryptography releases the GIL): an RSA CA key must not stall the loop.
         cert = await asyncio.to_thread(
             issue_device_certificate, csr, device, prof, self.issuer, trust_domain=self.config.trust_domain,
-            serial=serial, now=now, lifetime=self.config.device_lifetime(device.model, prof.name))
+            serial=serial, now=now, lifetime=self.config.device_lifetime(device, prof.name))
         await self._persist(tx, cert, device.id, prof.name, now, who, action,
                             extra={"renews": serial_hex(renews)} if renews else None)
         log.info("%s device=%s serial=%s profile=%s", action, device.id, serial_hex(serial), prof.name)
@@ -334,14 +340,27 @@ class Authority:
         async with self.store.read() as tx:
             return await tx.pending_approvals()
 
-    async def record_presence(self, device_id: str, *, online: bool) -> None:
-        """A device was seen (MQTT presence, any authenticated request): update last seen."""
+    async def record_presence(self, device_id: str, *, online: bool) -> list[int]:
+        """A device was seen (MQTT presence): update last seen; a returning device may get its
+        attendance holds lifted. Returns the serials released."""
+        now = self._clock()
         async with self.store.write() as tx:
-            await self._device(tx, device_id)
-            await tx.touch_device(device_id, self._clock())
-        log.debug("presence device=%s online=%s", device_id, online)
+            device = await self._device(tx, device_id)
+            await tx.touch_device(device_id, now)
+            released = await attendance.release_returned(tx, self.config, device, now) if online else []
+        log.debug("presence device=%s online=%s released=%d", device_id, online, len(released))
+        return released
 
-    async def record_posture(self, device_id: str, posture: dict) -> None:
+    async def enforce_attendance(self) -> attendance.AttendanceReport:
+        """Hold the certificates of devices away longer than their non-attendance period."""
+        now = self._clock()
+        async with self.store.write() as tx:
+            report = await attendance.hold_absent(tx, self.config, now)
+        if report.held or report.flagged:
+            log.warning("attendance: %s", attendance.describe(report))
+        return report
+
+    async def record_posture(self, device_id: str, posture: dict) -> list[int]:
         """A posture report: firmware (and model) the device says it runs; firmware changes are audited."""
         firmware = posture.get("firmware")
         if firmware is not None and (not isinstance(firmware, str) or not 0 < len(firmware) <= 64):
@@ -353,6 +372,7 @@ class Authority:
             if firmware is not None and firmware != device.firmware:
                 await tx.append_audit(AuditEvent("firmware_changed", f"device:{device_id}", device_id=device_id,
                                                  detail={"from": device.firmware, "to": firmware}), now)
+            return await attendance.release_returned(tx, self.config, await tx.get_device(device_id), now)
 
     async def status_changes(self, after_id: int) -> list[tuple[int, int]]:
         """(change id, serial) of revocations, holds and releases after `after_id`, oldest first."""
@@ -433,7 +453,7 @@ class Authority:
         async with self.store.read() as tx:
             return await tx.list_certificates(device_id)
 
-    async def unexpired_certificates(self, after: str = "", limit: int = 1000) -> list[CertRecord]:
+    async def unexpired_certificates(self, after: str = "", limit: int = 1000) -> list[tuple[CertRecord, str]]:
         """One page of unexpired device certificates; pass the last serial_hex as `after` for the next."""
         async with self.store.read() as tx:
             return await tx.unexpired_certificates(self._clock(), after, limit)

@@ -51,10 +51,28 @@ class CAPaths:
 
 @dataclass(frozen=True)
 class ModelPolicy:
-    """Per device model settings from [ca.models."<model>"]."""
+    """Settings for a class of devices: [ca.models."<model>"] or [ca.criticality.<level>].
+
+    A model's setting wins over its criticality's, which wins over the [ca] default.
+    """
 
     lifetime: timedelta | None = None
     renewal_grace: timedelta | None = None
+    # Absent (no presence, posture or request) longer than this: certificates put on hold.
+    non_attendance: timedelta | None = None
+    # Renewal is refused (posture_noncompliant) below this firmware version.
+    min_firmware: str | None = None
+
+
+@dataclass(frozen=True)
+class AttendancePolicy:
+    """[ca.attendance]: what happens to devices away longer than their non_attendance period."""
+
+    # A life-sustaining device must not lose its identity silently: high is flagged, not held.
+    hold_high_criticality: bool = False
+    # A held device that comes back (and passes posture) gets its certificates released.
+    release_on_return: bool = True
+    check_every: timedelta = timedelta(minutes=1)
 
 
 @dataclass(frozen=True)
@@ -80,6 +98,8 @@ class CAConfig:
     # How long after expiry a certificate still authenticates its own renewal.
     renewal_grace: timedelta = timedelta(days=7)
     approval: ApprovalPolicy = ApprovalPolicy()
+    attendance: AttendancePolicy = AttendancePolicy()
+    criticality: dict[str, ModelPolicy] = field(default_factory=dict)
     server_names: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
     passphrase_file: Path | None = None
     database: Path = Path("iomtca.db")
@@ -104,20 +124,32 @@ class CAConfig:
         except KeyError:
             raise ConfigError(f"unknown profile {name!r}") from None
 
-    def device_lifetime(self, model: str, profile: str = "device") -> timedelta:
-        policy = self.models.get(model)
-        if policy and policy.lifetime and profile == "device":
-            return policy.lifetime
-        return self.profile(profile).lifetime
+    def _setting(self, device, name: str, default):
+        for policy in (self.models.get(device.model), self.criticality.get(device.criticality.value)):
+            value = getattr(policy, name, None) if policy else None
+            if value is not None:
+                return value
+        return default
 
-    def renewal_grace_for(self, model: str) -> timedelta:
-        policy = self.models.get(model)
-        return policy.renewal_grace if policy and policy.renewal_grace is not None else self.renewal_grace
+    def device_lifetime(self, device, profile: str = "device") -> timedelta:
+        """Per model (then criticality) lifetime for the default device profile; other profiles keep theirs."""
+        if profile != "device":
+            return self.profile(profile).lifetime
+        return self._setting(device, "lifetime", self.profile(profile).lifetime)
+
+    def renewal_grace_for(self, device) -> timedelta:
+        return self._setting(device, "renewal_grace", self.renewal_grace)
+
+    def non_attendance_for(self, device) -> timedelta | None:
+        return self._setting(device, "non_attendance", None)
+
+    def min_firmware_for(self, device) -> str | None:
+        return self._setting(device, "min_firmware", None)
 
 
 _CA_KEYS = {"trust_domain", "key_type", "base_url", "crl_next_update", "ocsp_validity",
             "ocsp_signer_lifetime", "token_ttl", "renewal_grace", "server_names", "passphrase_file",
-            "profiles", "models", "approval"}
+            "profiles", "models", "approval", "criticality", "attendance"}
 
 
 def _duration(section: dict, key: str, default: timedelta | None, where: str,
@@ -131,6 +163,23 @@ def _duration(section: dict, key: str, default: timedelta | None, where: str,
     if value < timedelta(0) or (value == timedelta(0) and not allow_zero):
         raise ConfigError(f"{where}.{key} must be positive")
     return value
+
+
+_CLASS_KEYS = {"lifetime", "renewal_grace", "non_attendance", "min_firmware"}
+
+
+def _class_policy(section: dict, where: str) -> ModelPolicy:
+    unknown = set(section) - _CLASS_KEYS
+    if unknown:
+        raise ConfigError(f"[{where}]: unknown setting(s) {', '.join(sorted(unknown))}")
+    min_firmware = section.get("min_firmware")
+    if min_firmware is not None and not isinstance(min_firmware, str):
+        raise ConfigError(f"[{where}] min_firmware must be a string such as \"2.4.1\"")
+    return ModelPolicy(
+        lifetime=_duration(section, "lifetime", None, where),
+        renewal_grace=_duration(section, "renewal_grace", None, where, allow_zero=True),
+        non_attendance=_duration(section, "non_attendance", None, where),
+        min_firmware=min_firmware)
 
 
 def _profiles(section: dict) -> dict[str, profiles_mod.Profile]:
@@ -176,12 +225,20 @@ def parse_config(raw: dict, home: Path) -> CAConfig:
     if key_type not in KEY_TYPES:
         raise ConfigError(f"[ca] key_type {key_type!r} is not one of {', '.join(KEY_TYPES)}")
     profiles = _profiles(ca.get("profiles", {}))
-    models = {
-        model: ModelPolicy(
-            lifetime=_duration(section, "lifetime", None, f"ca.models.{model}"),
-            renewal_grace=_duration(section, "renewal_grace", None, f"ca.models.{model}", allow_zero=True))
-        for model, section in ca.get("models", {}).items()
-    }
+    models = {model: _class_policy(section, f"ca.models.{model}") for model, section in ca.get("models", {}).items()}
+    by_criticality = {}
+    for level, section in ca.get("criticality", {}).items():
+        if level not in ("low", "medium", "high"):
+            raise ConfigError(f"[ca.criticality.{level}]: criticality is one of low, medium, high")
+        by_criticality[level] = _class_policy(section, f"ca.criticality.{level}")
+    att = ca.get("attendance", {})
+    unknown_att = set(att) - {"hold_high_criticality", "release_on_return", "check_every"}
+    if unknown_att:
+        raise ConfigError(f"[ca.attendance]: unknown setting(s) {', '.join(sorted(unknown_att))}")
+    attendance = AttendancePolicy(
+        hold_high_criticality=bool(att.get("hold_high_criticality", False)),
+        release_on_return=bool(att.get("release_on_return", True)),
+        check_every=_duration(att, "check_every", AttendancePolicy().check_every, "ca.attendance"))
     approval_section = ca.get("approval", {})
     criticality = frozenset(approval_section.get("criticality", []))
     if criticality - {"low", "medium", "high"}:
@@ -199,6 +256,8 @@ def parse_config(raw: dict, home: Path) -> CAConfig:
         token_ttl=_duration(ca, "token_ttl", defaults.token_ttl, "ca"),
         renewal_grace=_duration(ca, "renewal_grace", defaults.renewal_grace, "ca", allow_zero=True),
         approval=approval,
+        attendance=attendance,
+        criticality=by_criticality,
         server_names=tuple(ca.get("server_names", defaults.server_names)),
         passphrase_file=(home / passphrase_file) if passphrase_file else None,
         database=home / storage.get("path", str(defaults.database)),
@@ -245,6 +304,18 @@ def render_config(cfg: CAConfig, *, passphrase_file: str | None) -> str:
         '# [ca.models."infusion-pump"]',
         '# lifetime = "48h"',
         '# renewal_grace = "90d"     # a standby pump may sit in storage',
+        '# non_attendance = "90d"    # away longer: certificates put on hold',
+        '# min_firmware = "12.1.0"   # below it, renewal is refused (posture_noncompliant)',
+        "",
+        "# Per criticality (a model's own setting wins):",
+        "# [ca.criticality.high]",
+        '# renewal_grace = "1d"',
+        '# non_attendance = "1d"     # a bedside monitor should never be away for long',
+        "",
+        "# [ca.attendance]",
+        "# hold_high_criticality = false   # high-criticality devices are flagged, not held",
+        "# release_on_return = true        # a held device that returns with good posture is released",
+        '# check_every = "1m"',
         "",
         "# First enrollments that wait for `iomtca device approve ID` (EST answers 202):",
         "[ca.approval]",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 from datetime import datetime, timedelta
 
 from cryptography import x509
@@ -10,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import AttributeOID
 
-from .errors import (KeyPolicyError, PolicyViolationError, ProofOfPossessionError, RevokedError,
+from .errors import (KeyPolicyError, PolicyViolationError, PostureError, ProofOfPossessionError, RevokedError,
                      UnauthorizedError)
 from .model import CertRecord, CertStatus, Device, DeviceStatus, serial_hex, spiffe_id
 from .profiles import Profile
@@ -142,3 +143,17 @@ def channel_bound(csr: x509.CertificateSigningRequest, expected: str) -> None:
     if not hmac.compare_digest(text.strip().encode(), expected.encode()):
         raise UnauthorizedError("CSR challengePassword does not match this TLS connection's channel binding "
                                 "(the CSR was made for another connection)")
+
+
+def version_key(version: str) -> tuple:
+    """Firmware versions compare part by part, numbers as numbers: 2.10.0 > 2.9.1."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-+_ ]", version.strip()) if p)
+
+
+def posture_ok(device: Device, min_firmware: str | None) -> None:
+    """Renewal needs firmware at or above the model's minimum (a per-model setting)."""
+    if min_firmware is None:
+        return
+    if not device.firmware or version_key(device.firmware) < version_key(min_firmware):
+        raise PostureError(f"device {device.id} runs firmware {device.firmware or 'unknown'}, below the minimum "
+                           f"{min_firmware} for {device.model}; update the firmware, report posture, then renew")

@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-listen", metavar="HOST:PORT", help="plain-HTTP OCSP/CRL listener; default 127.0.0.1:8080")
     p.set_defaults(func=serve_cmd, log_level=logging.INFO)
 
+    p = sub.add_parser("gateway", parents=[common], help="run the MQTT gateway (a registration authority)")
+    p.add_argument("--broker", metavar="URL", help="mqtt://HOST:PORT (default from [gateway], mqtt://127.0.0.1:1883)")
+    p.add_argument("--ca", dest="ca_url", metavar="URL", help="the CA's HTTPS URL (default https://127.0.0.1:8443)")
+    p.add_argument("--client-id", help="MQTT client id; distinct for each gateway sharing a broker")
+    p.add_argument("--no-publish-pki", dest="publish_pki", action="store_const", const=False, default=None,
+                   help="leave CRL/OCSP publication to another gateway of the group")
+    p.set_defaults(func=gateway_cmd, log_level=logging.INFO)
+
     device_cmds.add_parsers(sub, common)
     cert_cmds.add_parsers(sub, common)
     return parser
@@ -51,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve_cmd(args) -> int:
     from enroll.server import serve
     await serve(args.dir, listen=args.listen, http_listen=args.http_listen)
+    return 0
+
+
+async def gateway_cmd(args) -> int:
+    from gateway.main import run_gateway
+    await run_gateway(args.dir, broker=args.broker, ca_url=args.ca_url, client_id=args.client_id,
+                      publish_pki=args.publish_pki)
     return 0
 
 

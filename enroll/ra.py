@@ -111,13 +111,13 @@ async def presence(request: web.Request) -> web.Response:
     online = body.get("online")
     if not isinstance(online, bool):
         raise BadRequestError("field 'online' must be true or false")
-    await request.app[AUTHORITY].record_presence(_device_id(request), online=online)
-    return web.json_response({"status": "ok"})
+    released = await request.app[AUTHORITY].record_presence(_device_id(request), online=online)
+    return web.json_response({"status": "ok", "released": [serial_hex(s) for s in released]})
 
 
 async def posture(request: web.Request) -> web.Response:
-    await request.app[AUTHORITY].record_posture(_device_id(request), await _json(request))
-    return web.json_response({"status": "ok"})
+    released = await request.app[AUTHORITY].record_posture(_device_id(request), await _json(request))
+    return web.json_response({"status": "ok", "released": [serial_hex(s) for s in released]})
 
 
 async def cacerts(request: web.Request) -> web.Response:
@@ -166,8 +166,9 @@ async def certificates(request: web.Request) -> web.Response:
         after = serial_hex(parse_serial(after))
     records = await request.app[AUTHORITY].unexpired_certificates(after, limit)
     return web.json_response({"certificates": [
-        {"serial": serial_hex(r.serial), "device_id": r.device_id, "not_after": to_rfc3339(r.not_after),
-         "status": r.status.value} for r in records]})
+        {"serial": serial_hex(r.serial), "device_id": r.device_id, "not_before": to_rfc3339(r.not_before),
+         "not_after": to_rfc3339(r.not_after), "status": r.status.value, "criticality": criticality}
+        for r, criticality in records]})
 
 
 async def ocsp(request: web.Request) -> web.Response:

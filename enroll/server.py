@@ -35,6 +35,7 @@ async def serve(home: Path, *, listen: str | None = None, http_listen: str | Non
                     ", ".join(sorted(config.channel_binding)))
     keygen = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     follower = asyncio.create_task(publisher.follow(), name="status-follower")
+    attendance = asyncio.create_task(_attendance(authority), name="attendance")
     runners = []
     try:
         ssl_ctx = server_context(authority.paths, config, authority.key_passphrase)
@@ -53,13 +54,24 @@ async def serve(home: Path, *, listen: str | None = None, http_listen: str | Non
         print(f"iomtca serve: listening est={est_url} ocsp={ocsp_url}", flush=True)
         await _until_signalled()
     finally:
-        follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
+        for task in (follower, attendance):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for runner in reversed(runners):
             await runner.cleanup()
         keygen.shutdown(cancel_futures=True)
         await authority.close()
+
+
+async def _attendance(authority: Authority) -> None:
+    """Put devices away longer than their non-attendance period on hold, every `check_every`."""
+    while True:
+        await asyncio.sleep(authority.config.attendance.check_every.total_seconds())
+        try:
+            await authority.enforce_attendance()
+        except Exception:
+            log.exception("attendance check failed; retrying next period")
 
 
 def _url(scheme: str, runner: web.AppRunner) -> str:

@@ -103,6 +103,19 @@ MIGRATIONS: list[str] = [
         approved_by TEXT
     );
     """,
+    # 3: holds placed because a device stayed away too long (released when it returns),
+    # and high-criticality devices flagged instead of held.
+    """
+    CREATE TABLE attendance_holds (
+        serial TEXT PRIMARY KEY REFERENCES certificates(serial),
+        device_id TEXT NOT NULL,
+        held_at TEXT NOT NULL
+    );
+    CREATE TABLE attendance_flags (
+        device_id TEXT PRIMARY KEY REFERENCES devices(id),
+        flagged_at TEXT NOT NULL
+    );
+    """,
 ]
 
 _DEVICE_COLUMNS = ("id, model, owner, location, criticality, firmware, manufacturer, serial_number, "
@@ -111,6 +124,12 @@ _CERT_SELECT = """
     SELECT c.serial, c.device_id, c.profile, c.not_before, c.not_after, c.der, c.status, c.created_at,
            r.revoked_at, r.reason
     FROM certificates c LEFT JOIN revocations r ON r.serial = c.serial AND r.released_at IS NULL
+"""
+_CERT_WITH_CRITICALITY = """
+    SELECT c.serial, c.device_id, c.profile, c.not_before, c.not_after, c.der, c.status, c.created_at,
+           r.revoked_at, r.reason, d.criticality
+    FROM certificates c JOIN devices d ON d.id = c.device_id
+    LEFT JOIN revocations r ON r.serial = c.serial AND r.released_at IS NULL
 """
 
 
@@ -219,9 +238,10 @@ class SQLiteTx:
         return [_cert(r) for r in rows]
 
     async def unexpired_certificates(self, now, after="", limit=1000):
-        rows = await self._all(_CERT_SELECT + " WHERE c.device_id IS NOT NULL AND c.not_after > ? AND c.serial > ?"
-                               " ORDER BY c.serial LIMIT ?", (_ts(now), after, limit))
-        return [_cert(r) for r in rows]
+        rows = await self._all(
+            _CERT_WITH_CRITICALITY + " WHERE c.not_after > ? AND c.serial > ? ORDER BY c.serial LIMIT ?",
+            (_ts(now), after, limit))
+        return [(_cert(r), r[10]) for r in rows]
 
     async def revoke(self, serial, reason, at) -> None:
         status = CertStatus.HOLD if reason is RevocationReason.certificateHold else CertStatus.REVOKED
@@ -240,6 +260,31 @@ class SQLiteTx:
                               (_ts(at), key))
         await self._c.execute("UPDATE certificates SET status = 'good' WHERE serial = ?", (key,))
         await self._c.execute("INSERT INTO status_changes (serial, at) VALUES (?, ?)", (key, _ts(at)))
+        await self._c.execute("DELETE FROM attendance_holds WHERE serial = ?", (key,))
+
+    # attendance
+    async def absent_devices(self, seen_before):
+        rows = await self._all(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE status = 'active' "
+            "AND COALESCE(last_seen, created_at) < ?", (_ts(seen_before),))
+        return [_device(r) for r in rows]
+
+    async def add_attendance_hold(self, serial, device_id, at) -> None:
+        await self._c.execute("INSERT OR REPLACE INTO attendance_holds (serial, device_id, held_at) VALUES (?,?,?)",
+                              (serial_hex(serial), device_id, _ts(at)))
+
+    async def attendance_holds(self, device_id):
+        rows = await self._all("SELECT serial FROM attendance_holds WHERE device_id = ?", (device_id,))
+        return [int(r[0], 16) for r in rows]
+
+    async def flag_absent(self, device_id, at) -> bool:
+        cur = await self._c.execute("INSERT OR IGNORE INTO attendance_flags (device_id, flagged_at) VALUES (?, ?)",
+                                    (device_id, _ts(at)))
+        return cur.rowcount == 1
+
+    async def clear_absent_flag(self, device_id) -> bool:
+        cur = await self._c.execute("DELETE FROM attendance_flags WHERE device_id = ?", (device_id,))
+        return cur.rowcount == 1
 
     async def status_changes_after(self, after_id, limit=1000):
         rows = await self._all("SELECT id, serial FROM status_changes WHERE id > ? ORDER BY id LIMIT ?",

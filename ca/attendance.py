@@ -1,0 +1,75 @@
+"""Non-attendance: devices away longer than their period lose their certificates to a hold
+(certificateHold), and get them back when they return with good posture.
+
+High-criticality devices are flagged, not held, unless configured otherwise: a
+life-sustaining device must not lose its identity silently. Both functions run
+inside the caller's write transaction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from . import policy
+from .config import CAConfig
+from .errors import PostureError
+from .model import AuditEvent, CertStatus, Criticality, Device, RevocationReason, serial_hex
+from .store import Tx
+
+ACTOR = "system:attendance"
+
+
+@dataclass
+class AttendanceReport:
+    held: dict[str, list[int]] = field(default_factory=dict)   # device id -> serials put on hold
+    flagged: list[str] = field(default_factory=list)            # high-criticality devices only flagged
+
+
+async def hold_absent(tx: Tx, config: CAConfig, now: datetime) -> AttendanceReport:
+    report = AttendanceReport()
+    periods = [p.non_attendance for p in (*config.models.values(), *config.criticality.values()) if p.non_attendance]
+    if not periods:
+        return report
+    for device in await tx.absent_devices(now - min(periods)):
+        period = config.non_attendance_for(device)
+        seen = device.last_seen or device.created_at
+        if period is None or seen >= now - period:
+            continue
+        if device.criticality is Criticality.HIGH and not config.attendance.hold_high_criticality:
+            if await tx.flag_absent(device.id, now):
+                await tx.append_audit(AuditEvent("device_absent_flagged", ACTOR, device_id=device.id,
+                                                 detail={"last_seen": seen.isoformat()}), now)
+                report.flagged.append(device.id)
+            continue
+        for record in await tx.list_certificates(device.id):
+            if record.status is CertStatus.GOOD and record.not_after > now:
+                await tx.revoke(record.serial, RevocationReason.certificateHold, now)
+                await tx.add_attendance_hold(record.serial, device.id, now)
+                await tx.append_audit(AuditEvent("certificate_held_absent", ACTOR, device_id=device.id,
+                                                 serial=record.serial,
+                                                 detail={"last_seen": seen.isoformat()}), now)
+                report.held.setdefault(device.id, []).append(record.serial)
+    return report
+
+
+async def release_returned(tx: Tx, config: CAConfig, device: Device, now: datetime) -> list[int]:
+    """The device is back: clear its flag and, if configured and its posture passes, lift its holds."""
+    if await tx.clear_absent_flag(device.id):
+        await tx.append_audit(AuditEvent("device_returned", ACTOR, device_id=device.id), now)
+    serials = await tx.attendance_holds(device.id)
+    if not serials or not config.attendance.release_on_return:
+        return []
+    try:
+        policy.posture_ok(device, config.min_firmware_for(device))
+    except PostureError:
+        return []
+    for serial in serials:
+        await tx.release(serial, now)
+        await tx.append_audit(AuditEvent("certificate_released", ACTOR, device_id=device.id, serial=serial,
+                                         detail={"why": "device returned"}), now)
+    return serials
+
+
+def describe(report: AttendanceReport) -> str:
+    held = ", ".join(f"{d} ({', '.join(serial_hex(s) for s in ss)})" for d, ss in report.held.items())
+    return f"held: {held or 'none'}; flagged: {', '.join(report.flagged) or 'none'}"

@@ -1,0 +1,81 @@
+"""`iomtca gateway`: wire the MQTT link, the RA client and the durable store, and run until signalled."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+from ca.config import CAPaths, load_config
+from ca.keystore import read_passphrase
+from ca.timefmt import utc_now
+
+from .config import GatewayConfig, load_gateway_config
+from .durable import Durable
+from .mqtt import MQTTLink
+from .pki import PKIPublisher
+from .ra_client import RAClient, client_context
+from .service import GatewayService
+from .topics import Topics, shared
+
+log = logging.getLogger(__name__)
+
+
+def subscriptions(config: GatewayConfig) -> list[str]:
+    topics = Topics(config.topic_root)
+    return [shared(config.share_group, f) for f in (topics.requests_filter, topics.presence_filter,
+                                                     topics.posture_filter)]
+
+
+async def run_gateway(home: Path, *, broker: str | None = None, ca_url: str | None = None,
+                      client_id: str | None = None, publish_pki: bool | None = None) -> None:
+    paths = CAPaths(Path(home))
+    ca_config = load_config(paths)
+    config = load_gateway_config(paths, broker=broker, ca_url=ca_url, client_id=client_id,
+                                 publish_pki=publish_pki)
+    passphrase = read_passphrase(ca_config.passphrase_file)
+    durable = await Durable.open(config.database, owner=config.client_id)
+    link = MQTTLink(config.broker, config.client_id, subscriptions(config))
+    tasks: list[asyncio.Task] = []
+    async with RAClient(config.ca_url, client_context(paths, passphrase)) as ra:
+        service = GatewayService(config, link, ra, durable)
+        try:
+            await link.start()
+            tasks = [asyncio.create_task(service.run_intake(), name="intake"),
+                     asyncio.create_task(service.run_forwarders(), name="forwarders"),
+                     asyncio.create_task(_housekeeping(durable, config), name="housekeeping")]
+            if config.publish_pki:
+                tasks.append(asyncio.create_task(PKIPublisher(config, link, ra, durable).run(), name="pki"))
+            await link.connected.wait()
+            print(f"iomtca gateway: connected broker={config.broker} ca={config.ca_url} "
+                  f"client_id={config.client_id}", flush=True)
+            await _until_signalled(tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await link.stop()
+            await durable.close()
+
+
+async def _housekeeping(durable: Durable, config: GatewayConfig) -> None:
+    while True:
+        await asyncio.sleep(3600)
+        removed = await durable.expire(utc_now(), config.answer_ttl)
+        if removed:
+            log.info("forgot %d answered requests older than %s", removed, config.answer_ttl)
+
+
+async def _until_signalled(tasks: list[asyncio.Task]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        if task is not waiter and task.exception():
+            raise task.exception()
+    waiter.cancel()
