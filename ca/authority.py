@@ -44,6 +44,7 @@ __all__ = ["Authority", "TokenAuth", "OperatorAuth", "CertificateAuth", "SignedR
            "operator"]
 
 SERIAL_ATTEMPTS = 4
+REQUEST_ID_WINDOW = timedelta(hours=24)
 # Recorded for completeness, but not issued by the issuing CA: no OCSP or CRL status here.
 CA_PROFILES = ("root-ca", "issuing-ca")
 
@@ -101,10 +102,14 @@ class Authority:
         raise CAError("could not draw an unused serial number; the serial source is broken")
 
     async def enroll(self, device_id: str, csr: x509.CertificateSigningRequest, credential: Credential,
-                     *, profile: str = "device") -> Issued:
-        """First enrollment: a token, an IDevID or an operator vouches for `csr`."""
+                     *, profile: str = "device", request_id: str | None = None) -> Issued:
+        """First enrollment: a token, an IDevID or an operator vouches for `csr`.
+
+        `request_id` (from a relay such as the MQTT gateway) makes the call idempotent: the same
+        (device, request id) again returns the certificate it produced the first time.
+        """
         if isinstance(credential, CertificateAuth):
-            return await self.renew(device_id, csr, credential)
+            return await self.renew(device_id, csr, credential, request_id=request_id)
         now = self._clock()
         who = actor(credential, device_id)
         prof = self.config.profile(profile)
@@ -112,6 +117,8 @@ class Authority:
             if isinstance(credential, TokenAuth):
                 self.token_failures.check(device_id)
             async with self.store.write() as tx:
+                if (earlier := await self._earlier_result(tx, device_id, request_id)) is not None:
+                    return earlier
                 device = await self._device(tx, device_id)
                 policy.device_active(device)  # before the token: a retired device hears so plainly
                 token = None
@@ -122,6 +129,8 @@ class Authority:
                 if not isinstance(credential, OperatorAuth):
                     await self._approval(tx, device, now, who)
                 issued = await self._issue(tx, csr, device, profile, now, who, "certificate_issued")
+                if request_id is not None:
+                    await tx.record_request_result(device_id, request_id, issued.serial, now)
                 if token is not None:
                     await tx.mark_token_used(token.id, now)
                 await tx.clear_approval(device_id)
@@ -135,7 +144,7 @@ class Authority:
         return issued
 
     async def renew(self, device_id: str | None, csr: x509.CertificateSigningRequest,
-                    credential: CertificateAuth) -> Issued:
+                    credential: CertificateAuth, *, request_id: str | None = None) -> Issued:
         """Re-enrollment authenticated by the device's current certificate (key rotation allowed).
 
         `device_id` is the device the request claims to be (the MQTT topic) or None (EST, where
@@ -149,6 +158,8 @@ class Authority:
             if isinstance(credential, SignedRequestAuth):
                 policy.signed_recently(credential.signing_time, now)
             async with self.store.write() as tx:
+                if device_id and (earlier := await self._earlier_result(tx, device_id, request_id)) is not None:
+                    return earlier
                 record = await tx.get_certificate(cert.serial_number)
                 device = await tx.get_device(record.device_id) if record and record.device_id else None
                 if device is not None and record.status is CertStatus.HOLD:
@@ -163,10 +174,24 @@ class Authority:
                 policy.posture_ok(device, self.config.min_firmware_for(device))
                 issued = await self._issue(tx, csr, device, record.profile, now, who, "certificate_renewed",
                                            renews=record.serial)
+                if request_id is not None:
+                    await tx.record_request_result(device_id, request_id, issued.serial, now)
         except CAError as exc:
             await self._audit_refusal(now, who, device_id or "unknown", exc, action="renew_refused")
             raise
         return issued
+
+    async def _earlier_result(self, tx: Tx, device_id: str, request_id: str | None) -> Issued | None:
+        if request_id is None:
+            return None
+        # the MQTT contract's window: a request id repeated within 24 hours is the same request
+        serial = await tx.request_result(device_id, request_id, self._clock() - REQUEST_ID_WINDOW)
+        if serial is None:
+            return None
+        record = await tx.get_certificate(serial)
+        log.info("repeated request device=%s request=%s: same certificate %s", device_id, request_id,
+                 serial_hex(serial))
+        return Issued(x509.load_der_x509_certificate(record.der), self.issuer.chain, device_id, record.profile)
 
     async def device_for_idevid(self, credential: IDevIDAuth) -> str:
         """The registered device an IDevID names: its subject serialNumber is the device's serial number."""

@@ -1,101 +1,175 @@
-"""`make demo` (until the fleet simulator lands): a CA, a few devices, issuance and revocation,
-each step a real command, judged by openssl.
+"""`make demo`: the whole system on local defaults, with no manual step.
 
-Usage: python -m cli.demo --dir demo-data
+A fresh CA, a fleet registered from a generated asset list, the EST server, a
+private mosquitto on a free loopback port, the MQTT gateway, and a mixed fleet
+of simulated devices (a third of them intermittently offline, a few on old
+firmware) for about a minute. Half-way one device is decommissioned; the
+summary shows its peers saw it revoked. Every process it starts, it stops.
+
+Usage: python -m cli.demo [--dir demo-data] [--devices 200] [--duration 60s]
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
-import shlex
+import csv
+import json
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
-from ca.authority import Authority
+from ca.timefmt import parse_duration
+from firmware_sim.connectivity import MODELS
 
 MARKER = ".iomtca-demo"
-ASSETS = """device_id,model,owner,location,criticality,firmware,manufacturer,udi
-pump-0001,infusion-pump,ICU,ICU bed 1,high,12.1.2,Acme Medical,(01)00844588003288(10)LOT42
-pump-0002,infusion-pump,ICU,ICU bed 2,high,12.1.2,Acme Medical,
-mon-0003,patient-monitor,Emergency,ED bay 3,medium,M.00.03,Vitals Inc,
-vent-0004,ventilator,ICU,ICU bed 4,high,2.0.1,Breath Co,
-ct-0005,imaging-ct,Radiology,CT room 1,low,VB20,Imaging AG,
-"""
+REVOKED_DEVICE = "sim-00005"
 
 
-def sh(*argv: str, capture: bool = False) -> str:
-    print("$ " + " ".join(shlex.quote(a) for a in argv), flush=True)
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"demo: step failed: {argv[0]} exited {proc.returncode}")
-    if not capture and proc.stdout.strip():
-        print("  " + proc.stdout.strip().replace("\n", "\n  "))
-    return proc.stdout
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    """The processes the demo started: each is stopped at the end, whatever happens."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.running: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, argv: list[str], ready: str | None = None, timeout: float = 30) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE if ready else log, stderr=log, text=True)
+        self.running.append((name, proc))
+        if ready:
+            line = _read_line(proc, timeout)
+            if ready not in line:
+                raise SystemExit(f"demo: {name} did not start (see {self.logs / (name + '.log')}): {line!r}")
+            threading.Thread(target=lambda: [log.write(l) for l in proc.stdout], daemon=True).start()
+        return proc
+
+    def stop_all(self) -> None:
+        for name, proc in reversed(self.running):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return result[0] if result else ""
+
+
+def wait_for_port(port: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"demo: nothing listens on 127.0.0.1:{port}")
+
+
+def run(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    print("$ " + " ".join(argv[:1] and [Path(argv[0]).name] + argv[1:]), flush=True)
+    return subprocess.run(argv, check=True, text=True, **kw)
+
+
+def write_assets(path: Path, devices: int) -> None:
+    with open(path, "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["device_id", "model", "owner", "location", "criticality", "firmware", "manufacturer"])
+        for i in range(1, devices + 1):
+            model = MODELS[(i - 1) % len(MODELS)]
+            criticality = "high" if model == "ventilator" else ("low" if model == "imaging-ct" else "medium")
+            # every 10th MQTT device (even numbers) runs old firmware: refused renewal until it upgrades
+            firmware = "1.0.0" if i % 20 == 10 else "2.0.0"
+            out.writerow([f"sim-{i:05d}", model, "Biomedical Engineering", f"ward {(i - 1) // 10 + 1}",
+                          criticality, firmware, "Simulated Devices Inc"])
+
+
+def configure(config: Path) -> None:
+    """Demo lifetimes: renewal, expiry and the grace path all happen within a minute."""
+    text = config.read_text()
+    text = text.replace('renewal_grace = "7d"', 'renewal_grace = "20s"')
+    text = text.replace('[ca.profiles.device]\nlifetime = "3d"', '[ca.profiles.device]\nlifetime = "30s"')
+    models = "".join(f'[ca.models."{m}"]\nmin_firmware = "2.0.0"\n\n' for m in MODELS)
+    text = text.replace("[storage]", models + "[storage]")
+    text += '\n[gateway]\nsweep_every = "2s"\nretry_every = "1s"\n'
+    config.write_text(text)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, default=Path("demo-data"))
+    parser.add_argument("--devices", type=int, default=200)
+    parser.add_argument("--duration", default="60s")
+    parser.add_argument("--final-sync", default="20s")
     args = parser.parse_args(argv)
     data = args.dir.resolve()
     if data.exists():
         if not (data / MARKER).exists():
             raise SystemExit(f"demo: {data} exists and was not made by the demo; choose another --dir")
         shutil.rmtree(data)
-    data.mkdir(parents=True)
+    (data / "logs").mkdir(parents=True)
     (data / MARKER).write_text("made by make demo; deleted by the next run\n")
-    home, work = data / "ca", data / "devices"
-    work.mkdir()
+    home = data / "ca"
     iomtca = str(Path(sys.executable).with_name("iomtca"))
-
-    print("== 1. initialise the CA")
-    sh(iomtca, "init", "--dir", str(home), "--trust-domain", "demo-hospital.test")
-    print("\n== 2. onboard devices from the asset list")
-    (work / "assets.csv").write_text(ASSETS)
-    sh(iomtca, "device", "import", str(work / "assets.csv"), "--tokens-out", str(work / "tokens.csv"),
-       "--dir", str(home))
-    print("\n== 3. each device makes its key and CSR; the CA issues from the registry")
-    ids = [line.split(",")[0] for line in ASSETS.splitlines()[1:]]
-    for device_id in ids:
-        key, csr, cert = (work / f"{device_id}.{ext}" for ext in ("key", "csr", "pem"))
-        sh("openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-           "-keyout", str(key), "-subj", "/CN=whatever-the-device-says", "-out", str(csr), capture=True)
-        sh(iomtca, "cert", "issue", device_id, "--csr", str(csr), "--out", str(cert), "--dir", str(home))
-        sh("openssl", "verify", "-CAfile", str(home / "root.pem"), "-untrusted", str(home / "issuing.pem"),
-           str(cert))
-    sh("openssl", "x509", "-in", str(work / "pump-0001.pem"), "-noout", "-subject", "-ext", "subjectAltName")
-
-    print("\n== 4. retire a device and show every verifier sees it")
-    sh(iomtca, "device", "decommission", "vent-0004", "--dir", str(home))
-    crl = work / "crl.der"
-    sh(iomtca, "crl", "--out", str(crl), "--dir", str(home))
-    sh("openssl", "crl", "-inform", "DER", "-in", str(crl), "-CAfile", str(home / "chain.pem"), "-noout", "-verify")
-    for device_id in ("pump-0001", "vent-0004"):
-        req, resp = work / f"{device_id}.ocsp-req", work / f"{device_id}.ocsp-resp"
-        sh("openssl", "ocsp", "-issuer", str(home / "issuing.pem"), "-cert", str(work / f"{device_id}.pem"),
-           "-reqout", str(req), capture=True)
-        resp.write_bytes(asyncio.run(_answer(home, req.read_bytes())))
-        print("  (answered in-process by Authority.ocsp: the HTTP responder is not built yet)")
-        sh("openssl", "ocsp", "-reqin", str(req), "-respin", str(resp), "-VAfile", str(home / "ocsp.pem"),
-           "-CAfile", str(home / "chain.pem"))  # signature, delegation and nonce
-        sh("openssl", "ocsp", "-respin", str(resp), "-VAfile", str(home / "ocsp.pem"), "-CAfile",
-           str(home / "chain.pem"), "-issuer", str(home / "issuing.pem"), "-cert", str(work / f"{device_id}.pem"),
-           "-no_nonce")  # the status of this certificate
-
-    print("\n== 5. registry and audit trail")
-    sh(iomtca, "device", "list", "--dir", str(home))
-    sh(iomtca, "audit", "verify", "--dir", str(home))
-    print(f"\ndemo finished. CA directory: {home}\n  device keys, CSRs, certificates, CRL, OCSP: {work}"
-          f"\n  try: {iomtca} cert list --dir {home}")
-    return 0
-
-
-async def _answer(home: Path, request: bytes) -> bytes:
-    async with await Authority.open(home) as authority:
-        return await authority.ocsp(request)
+    est_port, http_port, mqtt_port = free_port(), free_port(), free_port()
+    est, broker = f"https://127.0.0.1:{est_port}", f"mqtt://127.0.0.1:{mqtt_port}"
+    procs = Processes(data / "logs")
+    try:
+        print("== 1. a fresh CA (demo lifetimes: 30 s certificates, 20 s renewal grace)", flush=True)
+        run([iomtca, "init", "--dir", str(home), "--trust-domain", "demo-hospital.test",
+             "--base-url", f"http://127.0.0.1:{http_port}"], stdout=subprocess.DEVNULL)
+        configure(home / "config.toml")
+        print(f"== 2. onboard {args.devices} devices from an asset list", flush=True)
+        write_assets(data / "assets.csv", args.devices)
+        run([iomtca, "device", "import", str(data / "assets.csv"), "--tokens-out", str(data / "tokens.csv"),
+             "--dir", str(home)])
+        print("== 3. start mosquitto, the enrollment server and the gateway", flush=True)
+        (data / "broker").mkdir()
+        (data / "broker" / "mosquitto.conf").write_text(
+            f"listener {mqtt_port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            "set_tcp_nodelay true\nmax_queued_messages 10000\n")
+        procs.start("mosquitto", ["mosquitto", "-c", str(data / "broker" / "mosquitto.conf")])
+        wait_for_port(mqtt_port)
+        procs.start("server", [iomtca, "serve", "--dir", str(home), "--listen", f"127.0.0.1:{est_port}",
+                               "--http-listen", f"127.0.0.1:{http_port}"], ready="listening")
+        procs.start("gateway", [iomtca, "gateway", "--dir", str(home), "--broker", broker, "--ca", est],
+                    ready="connected")
+        duration = parse_duration(args.duration).total_seconds()
+        print(f"== 4. run the fleet for {args.duration}; {REVOKED_DEVICE} is decommissioned half-way", flush=True)
+        sim = procs.start("sim", [iomtca, "sim", "--dir", str(home), "--devices", str(args.devices),
+                                  "--transport", "mixed", "--offline-ratio", "0.33", "--duration", args.duration,
+                                  "--final-sync", args.final_sync, "--est", est, "--broker", broker,
+                                  "--tokens", str(data / "tokens.csv"), "--json-out", str(data / "summary.json")])
+        time.sleep(duration / 2)
+        run([iomtca, "device", "decommission", REVOKED_DEVICE, "--dir", str(home)])
+        code = sim.wait(timeout=duration + parse_duration(args.final_sync).total_seconds() + 120)
+        print((data / "logs" / "sim.log").read_text().split("fleet:", 1)[-1].join(["fleet:", ""]), flush=True)
+        summary = json.loads((data / "summary.json").read_text())
+        seen = REVOKED_DEVICE in summary["final"]["revoked_seen_by_peers"]
+        print(f"== 5. {REVOKED_DEVICE} revoked half-way: its ward peers {'SAW' if seen else 'did NOT see'} "
+              "it revoked (verified OCSP over HTTP or the retained MQTT response)")
+        print(f"\ndata: {data}\n  CA directory and database: {home}\n  device folders (keys, certificates): "
+              f"{home / 'sim'}\n  logs: {data / 'logs'}\n  summary: {data / 'summary.json'}")
+        return 0 if code == 0 and seen else 1
+    finally:
+        procs.stop_all()
 
 
 if __name__ == "__main__":

@@ -51,6 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave CRL/OCSP publication to another gateway of the group")
     p.set_defaults(func=gateway_cmd, log_level=logging.INFO)
 
+    p = sub.add_parser("sim", parents=[common], help="run a fleet of simulated devices against the server and gateway")
+    p.add_argument("--devices", type=int, default=20)
+    p.add_argument("--transport", choices=("http", "mqtt", "mixed"), default="mixed")
+    p.add_argument("--offline-ratio", type=float, default=0.3, help="share of intermittently connected devices")
+    p.add_argument("--duration", default="60s", help="wall-clock run time, e.g. 60s")
+    p.add_argument("--time-scale", type=float, default=8640.0,
+                   help="nominal device seconds per wall second for online/offline windows (8640: 72 h in 30 s)")
+    p.add_argument("--est", default="https://127.0.0.1:8443", help="EST base URL")
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--old-firmware-ratio", type=float, default=0.0, help="share of new devices on firmware 1.0.0")
+    p.add_argument("--tokens", type=Path, help="device_id,token CSV from `device import --tokens-out`")
+    p.add_argument("--json-out", type=Path, help="write the summary as JSON here")
+    p.add_argument("--final-sync", default="20s", help="how long devices get to come back at the end")
+    p.set_defaults(func=sim_cmd, log_level=logging.WARNING)
+
     device_cmds.add_parsers(sub, common)
     cert_cmds.add_parsers(sub, common)
     return parser
@@ -67,6 +83,17 @@ async def gateway_cmd(args) -> int:
     await run_gateway(args.dir, broker=args.broker, ca_url=args.ca_url, client_id=args.client_id,
                       publish_pki=args.publish_pki)
     return 0
+
+
+async def sim_cmd(args) -> int:
+    from ca.timefmt import parse_duration
+    from firmware_sim.fleet import SimOptions, run_sim
+    options = SimOptions(
+        home=args.dir, devices=args.devices, transport=args.transport, offline_ratio=args.offline_ratio,
+        duration=parse_duration(args.duration).total_seconds(), time_scale=args.time_scale, est_url=args.est,
+        broker=args.broker, seed=args.seed, old_firmware_ratio=args.old_firmware_ratio, tokens=args.tokens,
+        json_out=args.json_out, final_sync=parse_duration(args.final_sync).total_seconds())
+    return await run_sim(options)
 
 
 def main(argv: list[str] | None = None) -> int:

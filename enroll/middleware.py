@@ -33,7 +33,8 @@ REALM = 'Basic realm="iomt-ca EST", charset="UTF-8"'
 
 def error_response(request: web.Request, exc: CAError) -> web.Response:
     status = HTTP_STATUS.get(exc.code, 500)
-    headers = {}
+    # the core's code, for clients that act on it (the status alone conflates revoked and policy)
+    headers = {"X-Error-Code": exc.code}
     if status == 401:
         headers["WWW-Authenticate"] = REALM
     if exc.retry_after is not None:

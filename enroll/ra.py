@@ -85,6 +85,16 @@ def _issued_json(issued: Issued) -> web.Response:
     })
 
 
+def _request_id(body: dict) -> str | None:
+    """The device's request id: the same id again gets the same certificate (idempotent relay)."""
+    value = body.get("request_id")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= 64:
+        raise BadRequestError("request_id must be a string of 1 to 64 characters")
+    return value
+
+
 def _device_id(request: web.Request) -> str:
     return check_device_id(request.match_info["device_id"])
 
@@ -93,7 +103,8 @@ async def simpleenroll(request: web.Request) -> web.Response:
     device_id = _device_id(request)
     body = await _json(request)
     csr = load_csr(b64decode_strict(_field(body, "csr"), "csr"))
-    issued = await request.app[AUTHORITY].enroll(device_id, csr, TokenAuth(_field(body, "token")))
+    issued = await request.app[AUTHORITY].enroll(device_id, csr, TokenAuth(_field(body, "token")),
+                                                 request_id=_request_id(body))
     return _issued_json(issued)
 
 
@@ -103,7 +114,8 @@ async def simplereenroll(request: web.Request) -> web.Response:
     signed = cms.verify_signed_request(b64decode_strict(_field(body, "cms"), "cms"))
     csr = load_csr(signed.csr_der)
     credential = SignedRequestAuth(signed.signer, signing_time=signed.signing_time)
-    return _issued_json(await request.app[AUTHORITY].renew(device_id, csr, credential))
+    return _issued_json(await request.app[AUTHORITY].renew(device_id, csr, credential,
+                                                           request_id=_request_id(body)))
 
 
 async def presence(request: web.Request) -> web.Response:
@@ -167,6 +179,7 @@ async def certificates(request: web.Request) -> web.Response:
     records = await request.app[AUTHORITY].unexpired_certificates(after, limit)
     return web.json_response({"certificates": [
         {"serial": serial_hex(r.serial), "device_id": r.device_id, "not_before": to_rfc3339(r.not_before),
+         "issued_at": to_rfc3339(r.created_at),
          "not_after": to_rfc3339(r.not_after), "status": r.status.value, "criticality": criticality}
         for r, criticality in records]})
 

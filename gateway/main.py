@@ -39,14 +39,15 @@ async def run_gateway(home: Path, *, broker: str | None = None, ca_url: str | No
     link = MQTTLink(config.broker, config.client_id, subscriptions(config))
     tasks: list[asyncio.Task] = []
     async with RAClient(config.ca_url, client_context(paths, passphrase)) as ra:
-        service = GatewayService(config, link, ra, durable)
+        pki = PKIPublisher(config, link, ra, durable) if config.publish_pki else None
+        service = GatewayService(config, link, ra, durable, on_issued=pki.certificate_issued if pki else None)
         try:
             await link.start()
             tasks = [asyncio.create_task(service.run_intake(), name="intake"),
                      asyncio.create_task(service.run_forwarders(), name="forwarders"),
                      asyncio.create_task(_housekeeping(durable, config), name="housekeeping")]
-            if config.publish_pki:
-                tasks.append(asyncio.create_task(PKIPublisher(config, link, ra, durable).run(), name="pki"))
+            if pki is not None:
+                tasks.append(asyncio.create_task(pki.run(), name="pki"))
             await link.connected.wait()
             print(f"iomtca gateway: connected broker={config.broker} ca={config.ca_url} "
                   f"client_id={config.client_id}", flush=True)

@@ -131,6 +131,12 @@ class MQTTLink:
         if self.connected.is_set():
             self._client.subscribe(topic_filter, options=SubscribeOptions(qos=1))
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        if topic_filter in self._subscriptions:
+            self._subscriptions.remove(topic_filter)
+        if self.connected.is_set():
+            self._client.unsubscribe(topic_filter)
+
     # -- connection upkeep ----------------------------------------------------------
     async def _keep_connected(self) -> None:
         delay = 1.0

@@ -104,6 +104,14 @@ class PKIPublisher:
         await self._publish_crl()
         log.info("published %d status change(s)", len(changes))
 
+    async def certificate_issued(self, serial: str) -> None:
+        """A certificate this gateway just handed out: its OCSP response goes up now, not at the next sweep."""
+        if serial not in self._ocsp_due:
+            try:
+                await self._publish_ocsp(serial)
+            except Exception as exc:  # the sweep will catch up
+                log.info("OCSP publication of %s deferred: %s", serial, exc)
+
     async def _publish_ocsp(self, serial: str) -> None:
         der = await self._ra.ocsp(serial)
         await self._link.publish(self._topics.ocsp(serial), der, retain=True, wait=False)
@@ -155,7 +163,8 @@ class PKIPublisher:
     async def _maybe_notify_renew(self, cert: dict, now: datetime) -> None:
         if cert["status"] != "good":
             return
-        start, end = from_rfc3339(cert["not_before"]), from_rfc3339(cert["not_after"])
+        # from issuance, not notBefore: notBefore is backdated for clock skew
+        start, end = from_rfc3339(cert.get("issued_at") or cert["not_before"]), from_rfc3339(cert["not_after"])
         fraction = self._config.renew_at_high if cert["criticality"] == "high" else self._config.renew_at
         if now >= start + (end - start) * fraction and await self._db.note_once(cert["serial"], "renew", now):
             notice = {"type": "renew", "serial": cert["serial"], "not_after": cert["not_after"]}

@@ -71,12 +71,13 @@ class RAClient:
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             raise CAUnreachableError(f"CA at {self._base} is unreachable: {type(exc).__name__} {exc}") from None
 
-    async def simpleenroll(self, device_id: str, csr_b64: str, token: str) -> dict:
+    async def simpleenroll(self, device_id: str, csr_b64: str, token: str, request_id: str) -> dict:
         return await self._call("POST", f"/ra/v1/devices/{device_id}/simpleenroll",
-                                json={"csr": csr_b64, "token": token})
+                                json={"csr": csr_b64, "token": token, "request_id": request_id})
 
-    async def simplereenroll(self, device_id: str, cms_b64: str) -> dict:
-        return await self._call("POST", f"/ra/v1/devices/{device_id}/simplereenroll", json={"cms": cms_b64})
+    async def simplereenroll(self, device_id: str, cms_b64: str, request_id: str) -> dict:
+        return await self._call("POST", f"/ra/v1/devices/{device_id}/simplereenroll",
+                                json={"cms": cms_b64, "request_id": request_id})
 
     async def cacerts(self) -> dict:
         return await self._call("GET", "/ra/v1/cacerts")

@@ -29,7 +29,7 @@ WORKERS = 8
 
 class GatewayService:
     def __init__(self, config: GatewayConfig, link: MQTTLink, ra: RAClient, durable: Durable,
-                 clock: Clock = utc_now) -> None:
+                 clock: Clock = utc_now, on_issued=None) -> None:
         self.config = config
         self.topics = Topics(config.topic_root)
         self._link = link
@@ -39,6 +39,7 @@ class GatewayService:
         self._wake = asyncio.Event()
         self._told_queued: set[tuple[str, str]] = set()
         self.ca_reachable = True
+        self._on_issued = on_issued  # async callback(serial): e.g. publish its OCSP response at once
         self.stats = {"requests": 0, "answered": 0, "queued": 0, "bad": 0}
 
     # -- intake -----------------------------------------------------------------
@@ -167,12 +168,15 @@ class GatewayService:
         self.stats["answered"] += 1
         self._told_queued.discard((entry.device_id, request.id))
         await self._link.publish(self.topics.response(entry.device_id, entry.op), payload, wait=False)
+        if serial is not None and self._on_issued is not None:
+            await self._on_issued(serial)
 
     async def _call(self, request: codec.Request) -> dict:
         if request.op == "simpleenroll":
-            data = await self._ra.simpleenroll(request.device_id, request.fields["csr"], request.fields["token"])
+            data = await self._ra.simpleenroll(request.device_id, request.fields["csr"], request.fields["token"],
+                                               request.id)
         elif request.op == "simplereenroll":
-            data = await self._ra.simplereenroll(request.device_id, request.fields["cms"])
+            data = await self._ra.simplereenroll(request.device_id, request.fields["cms"], request.id)
         elif request.op == "cacerts":
             return {"certs": (await self._ra.cacerts())["certs"]}
         else:

@@ -116,6 +116,17 @@ MIGRATIONS: list[str] = [
         flagged_at TEXT NOT NULL
     );
     """,
+    # 4: the certificate each relayed request (device, request id) produced, so a relay that
+    # retries after a crash gets the same certificate back instead of "token already used".
+    """
+    CREATE TABLE request_results (
+        device_id TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        serial TEXT NOT NULL REFERENCES certificates(serial),
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (device_id, request_id)
+    );
+    """,
 ]
 
 _DEVICE_COLUMNS = ("id, model, owner, location, criticality, firmware, manufacturer, serial_number, "
@@ -261,6 +272,16 @@ class SQLiteTx:
         await self._c.execute("UPDATE certificates SET status = 'good' WHERE serial = ?", (key,))
         await self._c.execute("INSERT INTO status_changes (serial, at) VALUES (?, ?)", (key, _ts(at)))
         await self._c.execute("DELETE FROM attendance_holds WHERE serial = ?", (key,))
+
+    # relayed requests
+    async def request_result(self, device_id, request_id, since):
+        row = await self._one("SELECT serial FROM request_results WHERE device_id = ? AND request_id = ? "
+                              "AND created_at >= ?", (device_id, request_id, _ts(since)))
+        return None if row is None else int(row[0], 16)
+
+    async def record_request_result(self, device_id, request_id, serial, at) -> None:
+        await self._c.execute("INSERT OR REPLACE INTO request_results (device_id, request_id, serial, created_at) "
+                              "VALUES (?, ?, ?, ?)", (device_id, request_id, serial_hex(serial), _ts(at)))
 
     # attendance
     async def absent_devices(self, seen_before):

@@ -1,0 +1,308 @@
+"""One simulated device's life: online and offline windows, enrollment, renewal, posture, peer checks."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import random
+import time
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.serialization import pkcs7
+
+from ca.signer import generate_key
+from ca.timefmt import utc_now
+
+from .connectivity import Connectivity
+from .device import Action, DeviceRecord, State, adopt, next_action
+from .est_client import ESTError, make_csr, ocsp_url
+from .mqtt_client import DeviceMQTT, MQTTAnswerError, b64
+from .persist import DeviceFolder
+from .revocation import OCSPVerifyError, verified_status
+
+if TYPE_CHECKING:
+    from .fleet import Fleet
+
+log = logging.getLogger(__name__)
+
+STEP_S = 0.5          # how often an online device looks at its state
+PEER_CHECK_P = 0.15   # chance per step of checking a ward peer's revocation status
+UPGRADE_P = 0.01      # chance per step of a firmware upgrade
+SERVER_KEYGEN_MODELS = ("imaging-ct",)
+
+
+def bump(firmware: str) -> str:
+    parts = firmware.split(".")
+    return ".".join([str(int(parts[0]) + 1) if parts[0].isdigit() else "2", "0", "0"])
+
+
+class SimDevice:
+    def __init__(self, record: DeviceRecord, folder: DeviceFolder, fleet: "Fleet", rng: random.Random,
+                 connectivity: Connectivity, ward: list[str]) -> None:
+        self.record = record
+        self.folder = folder
+        self.fleet = fleet
+        self.rng = rng
+        self.conn = connectivity
+        self.ward = ward
+        self.mqtt: DeviceMQTT | None = None
+        self.online = False
+        self.grace = fleet.grace_for(record)
+
+    @property
+    def stats(self):
+        return self.fleet.stats
+
+    def save(self) -> None:
+        self.folder.save(self.record)
+
+    # -- the life -------------------------------------------------------------------
+    async def live(self, deadline: float) -> None:
+        first = True
+        while time.monotonic() < deadline:
+            if not first:
+                offline = min(self.conn.offline(), deadline - time.monotonic())
+                self.stats.count("offline_windows")
+                await asyncio.sleep(max(0.0, offline))
+                if time.monotonic() >= deadline:
+                    break
+            first = False
+            await self.online_until(min(time.monotonic() + self.conn.online(), deadline))
+
+    async def online_until(self, end: float) -> None:
+        self.online = True
+        self.fleet.online += 1
+        try:
+            if self.record.transport == "mqtt" and not await self._connect(end):
+                return
+            while time.monotonic() < end:
+                await self.step()
+                await self._wait_step(end)
+        finally:
+            self.online = False
+            self.fleet.online -= 1
+            if self.mqtt is not None:
+                await self.mqtt.disconnect(graceful=self.rng.random() < 0.7)
+                self.mqtt = None
+
+    async def step(self) -> None:
+        if self.mqtt is not None:
+            await self._collect_answers()
+            while not self.mqtt.notices.empty():
+                notice = self.mqtt.notices.get_nowait()
+                if notice.get("type") == "renew":
+                    self.record.renew_requested = True
+                elif notice.get("type") == "revoked" and notice.get("serial") == self.record.serial:
+                    self.record.state = State.REVOKED
+                    self.save()
+        action = next_action(self.record, utc_now(), self.grace)
+        if self.record.state is State.STRANDED:
+            return
+        if action is Action.ENROLL and not self.record.pending:
+            await self.fleet.limited(self.enroll())
+        elif action is Action.RENEW and not self.record.pending:
+            await self.fleet.limited(self.renew())
+        if self.record.state is State.ENROLLED and self.rng.random() < PEER_CHECK_P:
+            await self.check_peer()
+        if self.record.transport == "mqtt" and self.rng.random() < UPGRADE_P:
+            await self.upgrade_firmware()
+
+    async def _wait_step(self, end: float) -> None:
+        await asyncio.sleep(max(0.0, min(STEP_S, end - time.monotonic())))
+
+    # -- MQTT plumbing --------------------------------------------------------------
+    async def _connect(self, end: float) -> bool:
+        self.mqtt = DeviceMQTT(self.fleet.broker, self.record.device_id)
+        for req_id in self.record.pending:  # answers that arrived while we were away come again
+            self.mqtt.expect(req_id)
+        try:
+            await self.mqtt.connect(timeout=max(1.0, end - time.monotonic()))
+        except (asyncio.TimeoutError, OSError):
+            self.stats.error("broker_unreachable")
+            await self.mqtt.disconnect(graceful=False)
+            self.mqtt = None
+            return False
+        await self.mqtt.posture(self.record.firmware, self.record.model)
+        return True
+
+    async def _collect_answers(self) -> None:
+        for req_id, op in list(self.record.pending.items()):
+            future = self.mqtt.expect(req_id)
+            if not future.done():
+                continue
+            del self.record.pending[req_id]
+            await self._mqtt_result(op, future.result(), started=None)
+            await self.mqtt.ack(req_id)
+            self.save()
+
+    async def _mqtt_call(self, op: str, fields: dict) -> None:
+        started = time.monotonic()
+        req_id, future = await self.mqtt.request(op, fields)
+        self.record.pending[req_id] = op
+        self.save()
+        queued_before = self.mqtt.queued
+        try:
+            answer = await asyncio.wait_for(asyncio.shield(future), timeout=20)
+        except asyncio.TimeoutError:
+            self.stats.count("queued" if self.mqtt.queued > queued_before else "waiting")
+            return  # stays pending: the answer comes when the device is back
+        finally:
+            if self.mqtt.queued > queued_before:
+                self.stats.count("queued_answers")
+        del self.record.pending[req_id]
+        await self._mqtt_result(op, answer, started)
+        await self.mqtt.ack(req_id)
+        self.save()
+
+    async def _mqtt_result(self, op: str, answer: dict, started: float | None) -> None:
+        try:
+            result = DeviceMQTT.result(answer)
+        except MQTTAnswerError as exc:
+            self._refused(op, exc.code)
+            if op == "simplereenroll":
+                self.folder.discard_new()
+            return
+        cert = x509.load_der_x509_certificate(base64.b64decode(result["cert"]))
+        if started is not None:
+            self.stats.timed(f"mqtt_{op}", time.monotonic() - started)
+        await self._accept(cert, renewed=op == "simplereenroll")
+
+    # -- operations -----------------------------------------------------------------
+    async def enroll(self) -> None:
+        record = self.record
+        if record.transport == "mqtt":
+            key = generate_key("ec-p256")
+            self.folder.write_key(key, new=True)
+            csr = make_csr(key, record.device_id).public_bytes(serialization.Encoding.DER)
+            await self._mqtt_call("simpleenroll", {"csr": b64(csr), "token": record.token})
+            return
+        started = time.monotonic()
+        try:
+            if record.model in SERVER_KEYGEN_MODELS:
+                hint = make_csr(generate_key("ec-p256"), record.device_id)
+                key_der, cert = await self.fleet.est.serverkeygen(record.device_id, record.token, hint)
+                self.folder.write_key(serialization.load_der_private_key(key_der, None), new=True)
+                op = "http_serverkeygen"
+            else:
+                key = generate_key("ec-p256")
+                self.folder.write_key(key, new=True)
+                cert = await self.fleet.est.simpleenroll(record.device_id, record.token,
+                                                         make_csr(key, record.device_id))
+                op = "http_simpleenroll"
+        except ESTError as exc:
+            self._refused("simpleenroll", exc.code)
+            return
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.stats.error("est_unreachable")
+            log.debug("%s: %s", record.device_id, exc)
+            return
+        self.stats.timed(op, time.monotonic() - started)
+        await self._accept(cert, renewed=False)
+
+    async def renew(self) -> None:
+        record = self.record
+        expired = record.state is State.EXPIRED
+        record.state = State.RENEWING if not expired else State.EXPIRED
+        key = generate_key("ec-p256")
+        self.folder.write_key(key, new=True)
+        csr = make_csr(key, record.device_id)
+        if record.transport == "mqtt":
+            signed = (pkcs7.PKCS7SignatureBuilder().set_data(csr.public_bytes(serialization.Encoding.DER))
+                      .add_signer(self.folder.load_cert(), self.folder.load_key(), hashes.SHA256())
+                      .sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary]))
+            self.stats.count("grace_attempts" if expired else "renew_attempts")
+            await self._mqtt_call("simplereenroll", {"cms": b64(signed)})
+            return
+        started = time.monotonic()
+        try:
+            cert = await self.fleet.est.simplereenroll(self.folder.cert, self.folder.key, csr)
+        except ESTError as exc:
+            self.folder.discard_new()
+            self._refused("simplereenroll", exc.code)
+            return
+        except (OSError, asyncio.TimeoutError):
+            self.folder.discard_new()
+            self.stats.error("est_unreachable")
+            return
+        self.stats.timed("http_simplereenroll", time.monotonic() - started)
+        await self._accept(cert, renewed=True, grace=expired)
+
+    async def _accept(self, cert: x509.Certificate, *, renewed: bool, grace: bool | None = None) -> None:
+        """Keep the old pair until the new one has worked once, then switch."""
+        record = self.record
+        grace = record.state is State.EXPIRED if grace is None else grace
+        self.folder.write_cert(cert, new=True)
+        try:
+            if record.transport == "http":
+                await self.fleet.est.check_tls(self.folder.new_cert, self.folder.new_key)  # one real use
+            else:
+                self._check_pair(cert)
+        except Exception as exc:
+            self.stats.error("new_certificate_unusable")
+            log.info("%s: new certificate not usable, keeping the old one: %s", record.device_id, exc)
+            self.folder.discard_new()
+            return
+        self.folder.promote()
+        adopt(record, cert, utc_now())
+        self.fleet.certificates[record.device_id] = cert
+        self.stats.count("renewed" if renewed else "enrolled")
+        if grace:
+            self.stats.count("grace_renewals")
+        self.save()
+
+    def _check_pair(self, cert: x509.Certificate) -> None:
+        issuer = self.fleet.issuer
+        cert.verify_directly_issued_by(issuer)
+        new_key = self.folder.load_key(new=True)
+        if new_key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != \
+                cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+            raise ValueError("certificate does not carry our new key")
+
+    def _refused(self, op: str, code: str) -> None:
+        self.stats.error(code)
+        record = self.record
+        if code == "revoked":
+            record.state = State.REVOKED
+        elif code == "posture_noncompliant":
+            self.stats.count("posture_refusals")
+            asyncio.ensure_future(self.upgrade_firmware())
+        elif code == "unauthorized" and op == "simplereenroll" and record.state is State.EXPIRED:
+            record.state = State.STRANDED
+        elif record.state is State.RENEWING:
+            record.state = State.ENROLLED
+        self.save()
+
+    async def upgrade_firmware(self) -> None:
+        if self.mqtt is None:
+            return
+        self.record.firmware = bump(self.record.firmware)
+        self.stats.count("firmware_upgrades")
+        await self.mqtt.posture(self.record.firmware, self.record.model)
+        self.save()
+
+    async def check_peer(self) -> None:
+        peers = [p for p in self.ward if p != self.record.device_id and p in self.fleet.certificates]
+        if not peers:
+            return
+        peer = self.rng.choice(peers)
+        cert = self.fleet.certificates[peer]
+        started = time.monotonic()
+        try:
+            if self.mqtt is not None:
+                resp = await self.mqtt.ocsp(format(cert.serial_number, "x"))
+                op = "mqtt_ocsp"
+            else:
+                resp = await self.fleet.est.ocsp(ocsp_url(cert), cert, self.fleet.issuer)
+                op = "http_ocsp"
+            status = verified_status(resp, self.fleet.issuer, cert.serial_number)
+        except (asyncio.TimeoutError, OSError, ESTError, OCSPVerifyError, ValueError) as exc:
+            self.stats.error("ocsp_check_failed")
+            log.debug("%s: OCSP check of %s failed: %s", self.record.device_id, peer, exc)
+            return
+        self.stats.timed(op, time.monotonic() - started)
+        self.stats.count("ocsp_checks")
+        if status == "revoked":
+            self.stats.count("revocations_seen")
+            self.fleet.revoked_seen.add(peer)
