@@ -134,7 +134,8 @@ class Authority:
                 if token is not None:
                     await tx.mark_token_used(token.id, now)
                 await tx.clear_approval(device_id)
-        except PendingApprovalError:
+        except PendingApprovalError as exc:
+            await self._record_pending(device_id, now, who)
             raise
         except CAError as exc:
             await self._audit_refusal(now, who, device_id, exc)
@@ -142,6 +143,27 @@ class Authority:
         if isinstance(credential, TokenAuth):
             self.token_failures.succeeded(device_id)
         return issued
+
+    async def precheck(self, device_id: str, credential: Credential) -> None:
+        """Check a first-enrollment credential without using it up (before costly work such as
+        server-side key generation). `enroll` checks again, in its transaction."""
+        if isinstance(credential, (CertificateAuth, OperatorAuth)):
+            return
+        now = self._clock()
+        who = actor(credential, device_id)
+        try:
+            if isinstance(credential, TokenAuth):
+                self.token_failures.check(device_id)
+            async with self.store.read() as tx:
+                device = await self._device(tx, device_id)
+                policy.device_active(device)
+                if isinstance(credential, TokenAuth):
+                    await self._token(tx, device_id, credential.secret, now)
+                else:
+                    self._check_idevid(device, credential)
+        except CAError as exc:
+            await self._audit_refusal(now, who, device_id, exc)
+            raise
 
     async def renew(self, device_id: str | None, csr: x509.CertificateSigningRequest,
                     credential: CertificateAuth, *, request_id: str | None = None) -> Issued:
@@ -154,6 +176,7 @@ class Authority:
         now = self._clock()
         cert = credential.certificate
         who = f"device:{device_id or 'unknown'}"
+        known = device_id  # the device named by the request, or by the certificate once found
         try:
             if isinstance(credential, SignedRequestAuth):
                 policy.signed_recently(credential.signing_time, now)
@@ -162,6 +185,8 @@ class Authority:
                     return earlier
                 record = await tx.get_certificate(cert.serial_number)
                 device = await tx.get_device(record.device_id) if record and record.device_id else None
+                if known is None and device is not None:
+                    known, who = device.id, f"device:{device.id}"
                 if device is not None and record.status is CertStatus.HOLD:
                     # a device held for being away may be released by coming back
                     if record.serial in await attendance.release_returned(tx, self.config, device, now):
@@ -177,7 +202,7 @@ class Authority:
                 if request_id is not None:
                     await tx.record_request_result(device_id, request_id, issued.serial, now)
         except CAError as exc:
-            await self._audit_refusal(now, who, device_id or "unknown", exc, action="renew_refused")
+            await self._audit_refusal(now, who, known or "unknown", exc, action="renew_refused")
             raise
         return issued
 
@@ -231,11 +256,15 @@ class Authority:
         state = await tx.get_approval(device.id)
         if state is not None and state[1] is not None:
             return
-        if state is None:
-            await tx.request_approval(device.id, now)
-            await tx.append_audit(AuditEvent("enroll_pending_approval", who, device_id=device.id), now)
+        # recorded by _record_pending: this transaction rolls back with the exception
         raise PendingApprovalError(f"enrollment of device {device.id} waits for approval "
                                    f"(iomtca device approve {device.id})", retry_after=60)
+
+    async def _record_pending(self, device_id: str, now: datetime, who: str) -> None:
+        async with self.store.write() as tx:
+            if await tx.get_approval(device_id) is None:
+                await tx.request_approval(device_id, now)
+                await tx.append_audit(AuditEvent("enroll_pending_approval", who, device_id=device_id), now)
 
     async def _issue(self, tx: Tx, csr: x509.CertificateSigningRequest, device: Device, profile: str,
                      now: datetime, who: str, action: str, renews: int | None = None) -> Issued:

@@ -60,6 +60,8 @@ def parse_request(data: bytes) -> OCSPQuery:
         raise BadRequestError(f"unsupported OCSP request: {exc}") from exc
     except (x509.UnsupportedGeneralNameType, UnsupportedAlgorithm) as exc:
         raise BadRequestError(f"unsupported OCSP request: {exc}") from exc
+    if serial < 0:
+        raise BadRequestError("OCSP request names a negative serial number (RFC 5280 4.1.2.2: serials are positive)")
     if nonce is not None and not 1 <= len(nonce) <= NONCE_MAX:
         raise BadRequestError(f"OCSP nonce of {len(nonce)} octets is outside 1..{NONCE_MAX} (RFC 8954)")
     return OCSPQuery(serial, algorithm, name_hash, key_hash, nonce)

@@ -26,7 +26,7 @@ def key_type(public_key) -> str:
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         name = _CURVES.get(public_key.curve.name)
         if name is None:
-            raise KeyPolicyError(f"elliptic curve {public_key.curve.name} is not allowed; use P-256 or P-384")
+            raise KeyPolicyError(f"elliptic curve {public_key.curve.name} is not allowed; use P-256, P-384 or P-521")
         return name
     if isinstance(public_key, ed25519.Ed25519PublicKey):
         return "ed25519"
@@ -76,8 +76,8 @@ def csr_names_this_device(csr: x509.CertificateSigningRequest, device: Device, t
         ext = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return
-    except ValueError as exc:
-        raise ProofOfPossessionError(f"CSR extensions are malformed: {exc}") from exc
+    except (ValueError, x509.UnsupportedGeneralNameType) as exc:
+        raise ProofOfPossessionError(f"CSR extensions are malformed or unsupported: {exc}") from exc
     allowed = {spiffe_id(trust_domain, device.id).lower(), device.id.lower()}
     for name in ext.value:
         value = name.value if isinstance(name.value, str) else str(name.value)

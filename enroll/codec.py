@@ -81,9 +81,11 @@ def encode_serverkeygen(private_key_der: bytes, cert: x509.Certificate) -> tuple
         (CT_PKCS8, wrap64(private_key_der)),
         (CT_CERTS_ONLY, encode_certs_only([cert])),
     ]
+    # RFC 2046 5.1.1: lines end in CRLF, and the CRLF before each delimiter belongs to it
     body = b"".join(
         f"--{boundary}\r\nContent-Type: {ctype}\r\nContent-Transfer-Encoding: base64\r\n\r\n".encode()
-        + payload for ctype, payload in parts) + f"--{boundary}--\r\n".encode()
+        + payload.rstrip(b"\n").replace(b"\n", b"\r\n") + b"\r\n" for ctype, payload in parts
+    ) + f"--{boundary}--\r\n".encode()
     return body, f"multipart/mixed; boundary={boundary}"
 
 

@@ -80,9 +80,9 @@ async def _enroll_identity(request: web.Request):
                             "or a client certificate from a trusted manufacturer")
 
 
-async def _issue(request: web.Request, csr: x509.CertificateSigningRequest, profile: str):
+async def _issue(request: web.Request, csr: x509.CertificateSigningRequest, profile: str, identity=None):
     authority = request.app[AUTHORITY]
-    device_id, credential = await _enroll_identity(request)
+    device_id, credential = identity or await _enroll_identity(request)
     try:
         if isinstance(credential, CertificateAuth):
             return await authority.renew(device_id, csr, credential)
@@ -146,6 +146,14 @@ async def serverkeygen(request: web.Request) -> web.Response:
     profile = profile_for(request)
     request_csr = await read_csr(request)
     check_channel_binding(request, request_csr, profile)
+    identity = await _enroll_identity(request)
+    if identity[0] is not None:
+        # no key generation for callers who could not enroll anyway (keygen costs CPU)
+        try:
+            await request.app[AUTHORITY].precheck(*identity)
+        except UnauthorizedError:
+            request.app[SOURCE_FAILURES].failed(request.remote or "?")
+            raise
     key_type = _serverkeygen_type(request_csr)
     loop = asyncio.get_running_loop()
     key_der = await loop.run_in_executor(request.app[KEYGEN], _keygen, key_type)
@@ -153,7 +161,7 @@ async def serverkeygen(request: web.Request) -> web.Response:
     # a CSR signed with the new key, so issuance runs its usual proof-of-possession check
     csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
            .sign(key, None if key_type == "ed25519" else hashes.SHA256()))
-    issued = await _issue(request, csr, profile)
+    issued = await _issue(request, csr, profile, identity)
     body, content_type = codec.encode_serverkeygen(key_der, issued.certificate)
     return web.Response(body=body, headers={"Content-Type": content_type})
 

@@ -53,6 +53,11 @@ async def errors(request: web.Request, handler):
         log.info("refused %s %s from %s: %s %s", request.method, request.path, request.remote, exc.code, exc)
         return error_response(request, exc)
     except web.HTTPException as exc:
+        if request.path.startswith("/ra/") and exc.status >= 400:
+            # the RA API always answers JSON, whatever refused the request
+            body = json.dumps({"code": "bad_request" if exc.status < 500 else "unavailable",
+                               "message": (exc.text or exc.reason).strip(), "retry_after": None})
+            return web.Response(status=exc.status, text=body, content_type="application/json")
         if exc.status == 413:  # aiohttp's body limit: say it in our words
             limit = request.app[CONFIG].max_body
             return web.Response(status=413, text=f"request body over the {limit}-byte limit\n",

@@ -154,7 +154,9 @@ async def status_changes(request: web.Request) -> web.Response:
     if not changes and wait > 0:
         try:
             async with publisher.changed:
-                await asyncio.wait_for(publisher.changed.wait(), wait)
+                # the follower may have seen a change since the query above: then do not wait
+                if publisher.last_change <= after:
+                    await asyncio.wait_for(publisher.changed.wait(), wait)
         except asyncio.TimeoutError:
             pass
         changes = await authority.status_changes(after)

@@ -1,7 +1,6 @@
 """OCSP (RFC 6960, RFC 5019 GET) and CRL distribution over plain HTTP, plus the caIssuers certificate."""
 from __future__ import annotations
 
-import urllib.parse
 from datetime import datetime
 
 from aiohttp import web
@@ -18,6 +17,7 @@ from .state import AUTHORITY, PUBLISHER
 CT_OCSP_REQUEST = "application/ocsp-request"
 CT_OCSP_RESPONSE = "application/ocsp-response"
 MAX_OCSP_REQUEST = 10 * 1024
+MAX_CACHE_AGE_S = 300
 
 
 def _http_date(when: datetime) -> str:
@@ -33,13 +33,14 @@ async def ocsp_post(request: web.Request) -> web.Response:
         raise web.HTTPUnsupportedMediaType(text=f"Content-Type must be {CT_OCSP_REQUEST}\n")
     body = await request.read()
     if len(body) > MAX_OCSP_REQUEST:
-        raise web.HTTPRequestEntityTooLarge(max_size=MAX_OCSP_REQUEST, actual_size=len(body))
+        return web.Response(status=413, text=f"OCSP request over the {MAX_OCSP_REQUEST}-byte limit\n",
+                            content_type="text/plain")
     return _ocsp_answer(await request.app[PUBLISHER].ocsp(body))
 
 
 async def ocsp_get(request: web.Request) -> web.Response:
     """RFC 6960 A.1 / RFC 5019 5: GET {url}/{url-encoding of base64 of DER request}."""
-    encoded = urllib.parse.unquote(request.match_info["request"])
+    encoded = request.match_info["request"]  # aiohttp has already percent-decoded the path
     try:
         der = b64decode_strict(encoded, "OCSP request")
     except BadRequestError:
@@ -52,7 +53,8 @@ async def ocsp_get(request: web.Request) -> web.Response:
                 and parsed.next_update_utc is not None and not _has_nonce(parsed)):
             # RFC 5019 6.2: cacheable answers say for how long
             now = request.app[AUTHORITY].now()
-            max_age = max(0, int((parsed.next_update_utc - now).total_seconds()) // 2)
+            # short enough that an HTTP cache does not keep "good" long after a revocation
+            max_age = max(0, min(MAX_CACHE_AGE_S, int((parsed.next_update_utc - now).total_seconds()) // 2))
             response.headers["Cache-Control"] = f"max-age={max_age}, public, no-transform, must-revalidate"
             response.headers["Last-Modified"] = _http_date(parsed.this_update_utc)
             response.headers["Expires"] = _http_date(parsed.next_update_utc)
