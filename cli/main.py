@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", metavar="URL", help="mqtt://HOST:PORT (default from [gateway], mqtt://127.0.0.1:1883)")
     p.add_argument("--ca", dest="ca_url", metavar="URL", help="the CA's HTTPS URL (default https://127.0.0.1:8443)")
     p.add_argument("--client-id", help="MQTT client id; distinct for each gateway sharing a broker")
+    p.add_argument("--share-group", help="MQTT 5 shared-subscription group, for several gateways on one broker")
     p.add_argument("--no-publish-pki", dest="publish_pki", action="store_const", const=False, default=None,
                    help="leave CRL/OCSP publication to another gateway of the group")
     p.set_defaults(func=gateway_cmd, log_level=logging.INFO)
@@ -81,7 +82,7 @@ async def serve_cmd(args) -> int:
 async def gateway_cmd(args) -> int:
     from gateway.main import run_gateway
     await run_gateway(args.dir, broker=args.broker, ca_url=args.ca_url, client_id=args.client_id,
-                      publish_pki=args.publish_pki)
+                      publish_pki=args.publish_pki, share_group=args.share_group)
     return 0
 
 

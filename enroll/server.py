@@ -43,7 +43,9 @@ async def serve(home: Path, *, listen: str | None = None, http_listen: str | Non
             (create_app(authority, config, publisher, keygen), config.listen, ssl_ctx),
             (create_responder_app(authority, config, publisher), config.http_listen, None),
         ):
-            runner = web.AppRunner(app, handle_signals=False, access_log=log if log.isEnabledFor(logging.DEBUG) else None)
+            # shutdown_timeout: long polls from the gateway must not hold up a stop for their 25 s
+            runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0,
+                                   access_log=log if log.isEnabledFor(logging.DEBUG) else None)
             await runner.setup()
             host, port = parse_listen(address)
             await web.TCPSite(runner, host, port, ssl_context=ctx, backlog=1024).start()

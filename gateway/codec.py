@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from ca.errors import BadRequestError, CAError
 
+from .topics import OPS
+
 MAX_PAYLOAD = 64 * 1024
 ERROR_CODES = ("bad_request", "unauthorized", "unknown_device", "revoked", "posture_noncompliant",
                "policy_violation", "rate_limited", "unavailable")
@@ -19,8 +21,13 @@ class Request:
     fields: dict
 
 
+READ_ID_LIMIT = 1024 * 1024
+
+
 def read_id(payload: bytes) -> str | None:
     """The request id, if one can be read at all (to answer a bad request on the right id)."""
+    if len(payload) > READ_ID_LIMIT:
+        return None
     try:
         value = json.loads(payload).get("id")
     except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):
@@ -41,7 +48,7 @@ def parse_request(device_id: str, op: str, payload: bytes) -> Request:
     if not isinstance(req_id, str) or not 1 <= len(req_id) <= 64:
         raise BadRequestError("field 'id' must be a string of 1 to 64 characters")
     required = {"simpleenroll": ("csr", "token"), "simplereenroll": ("cms",)}.get(op, ())
-    if op not in ("cacerts", "csrattrs", "simpleenroll", "simplereenroll", "ack"):
+    if op not in OPS:
         raise BadRequestError(f"unknown operation {op!r}")
     for name in required:
         if not isinstance(body.get(name), str) or not body[name]:

@@ -24,8 +24,9 @@ class GatewayConfig:
     ca_url: str = "https://127.0.0.1:8443"
     topic_root: str = DEFAULT_ROOT
     database: Path = Path("gateway.db")
-    # MQTT 5 shared-subscription group: gateways in one group split the requests.
-    share_group: str = "iomtca"
+    # MQTT 5 shared-subscription group: gateways in one group split the requests. Empty: plain
+    # subscriptions, which mosquitto 2.0 keeps across a broker restart (it does not keep $share ones).
+    share_group: str = ""
     client_id: str = "iomtca-gateway-1"
     # Unacknowledged answers are kept (and re-published on presence) this long.
     answer_ttl: timedelta = timedelta(days=30)

@@ -49,6 +49,16 @@ SCHEMA = [
         value INTEGER NOT NULL
     )
     """,
+    # 2: the latest presence and posture of each device, until the CA has them
+    """
+    CREATE TABLE reports (
+        device_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        at TEXT NOT NULL,
+        PRIMARY KEY (device_id, kind)
+    )
+    """,
 ]
 
 CLAIM_TIMEOUT = timedelta(minutes=2)  # a claim older than this belonged to a gateway that died
@@ -127,8 +137,11 @@ class Durable:
     async def claim_next(self, now: datetime, seq: int | None = None) -> Entry | None:
         """Claim the oldest pending request (or the one given) that is due; None if there is none."""
         stale = to_rfc3339(now - CLAIM_TIMEOUT)
-        where = "state = 'pending' AND (claimed_by IS NULL OR claimed_at < ?) AND (retry_at IS NULL OR retry_at <= ?)"
-        args: tuple = (stale, to_rfc3339(now))
+        # one request per device at a time, so a device's requests reach the CA in its order
+        where = ("state = 'pending' AND (claimed_by IS NULL OR claimed_at < ?) AND (retry_at IS NULL OR retry_at <= ?)"
+                 " AND device_id NOT IN (SELECT device_id FROM requests WHERE state = 'pending'"
+                 " AND claimed_by IS NOT NULL AND claimed_at >= ?)")
+        args: tuple = (stale, to_rfc3339(now), stale)
         if seq is not None:
             where += " AND seq = ?"
             args += (seq,)
@@ -140,6 +153,13 @@ class Durable:
             await self._c.execute("UPDATE requests SET claimed_by = ?, claimed_at = ? WHERE seq = ?",
                                   (self._owner, to_rfc3339(now), row[0]))
         return Entry(*row)
+
+    async def release_claims(self) -> int:
+        """At start-up: what this gateway (same client id) was forwarding when it died is pending again."""
+        async with self._tx():
+            cur = await self._c.execute("UPDATE requests SET claimed_by = NULL, claimed_at = NULL "
+                                        "WHERE claimed_by = ? AND state = 'pending'", (self._owner,))
+            return cur.rowcount
 
     async def unclaim(self, seq: int, retry_at: datetime | None = None) -> None:
         async with self._tx():
@@ -165,9 +185,11 @@ class Durable:
             return cur.rowcount == 1
 
     async def unacked(self, device_id: str, now: datetime, ttl: timedelta) -> list[Entry]:
+        """Answers carrying a certificate that the device has not acknowledged (errors and
+        cacerts/csrattrs answers are not re-sent: the device asks again if it needs them)."""
         rows = await self._all(
             "SELECT seq, device_id, req_id, op, payload, state, answer FROM requests "
-            "WHERE device_id = ? AND state = 'answered' AND answered_at >= ? ORDER BY seq",
+            "WHERE device_id = ? AND state = 'answered' AND serial IS NOT NULL AND answered_at >= ? ORDER BY seq",
             (device_id, to_rfc3339(now - ttl)))
         return [Entry(*r) for r in rows]
 
@@ -180,6 +202,22 @@ class Durable:
             cur = await self._c.execute("DELETE FROM requests WHERE state != 'pending' AND answered_at < ?",
                                         (to_rfc3339(now - ttl),))
             return cur.rowcount
+
+    # -- presence and posture, until the CA has them --------------------------------
+    async def note_report(self, device_id: str, kind: str, payload: bytes, now: datetime) -> None:
+        async with self._tx():
+            await self._c.execute("INSERT INTO reports (device_id, kind, payload, at) VALUES (?, ?, ?, ?) "
+                                  "ON CONFLICT(device_id, kind) DO UPDATE SET payload = excluded.payload, "
+                                  "at = excluded.at", (device_id, kind, payload, now.isoformat()))
+
+    async def reports(self, limit: int = 100) -> list[tuple[str, str, bytes, str]]:
+        return await self._all("SELECT device_id, kind, payload, at FROM reports ORDER BY at LIMIT ?", (limit,))
+
+    async def drop_report(self, device_id: str, kind: str, at: str) -> None:
+        """Forget a report the CA has, unless a newer one replaced it meanwhile."""
+        async with self._tx():
+            await self._c.execute("DELETE FROM reports WHERE device_id = ? AND kind = ? AND at = ?",
+                                  (device_id, kind, at))
 
     # -- things done once -----------------------------------------------------
     async def note_once(self, serial: str, kind: str, now: datetime) -> bool:

@@ -24,19 +24,23 @@ log = logging.getLogger(__name__)
 
 def subscriptions(config: GatewayConfig) -> list[str]:
     topics = Topics(config.topic_root)
-    return [shared(config.share_group, f) for f in (topics.requests_filter, topics.presence_filter,
-                                                     topics.posture_filter)]
+    filters = (topics.requests_filter, topics.presence_filter, topics.posture_filter)
+    return [shared(config.share_group, f) if config.share_group else f for f in filters]
 
 
 async def run_gateway(home: Path, *, broker: str | None = None, ca_url: str | None = None,
-                      client_id: str | None = None, publish_pki: bool | None = None) -> None:
+                      client_id: str | None = None, publish_pki: bool | None = None,
+                      share_group: str | None = None) -> None:
     paths = CAPaths(Path(home))
     ca_config = load_config(paths)
     config = load_gateway_config(paths, broker=broker, ca_url=ca_url, client_id=client_id,
-                                 publish_pki=publish_pki)
+                                 publish_pki=publish_pki, share_group=share_group)
     passphrase = read_passphrase(ca_config.passphrase_file)
     durable = await Durable.open(config.database, owner=config.client_id)
-    link = MQTTLink(config.broker, config.client_id, subscriptions(config))
+    link = MQTTLink(config.broker, config.client_id, subscriptions(config), manual_ack=True)
+    released = await durable.release_claims()
+    if released:
+        log.info("took back %d request(s) this gateway was forwarding when it stopped", released)
     tasks: list[asyncio.Task] = []
     async with RAClient(config.ca_url, client_context(paths, passphrase)) as ra:
         pki = PKIPublisher(config, link, ra, durable) if config.publish_pki else None
@@ -45,6 +49,7 @@ async def run_gateway(home: Path, *, broker: str | None = None, ca_url: str | No
             await link.start()
             tasks = [asyncio.create_task(service.run_intake(), name="intake"),
                      asyncio.create_task(service.run_forwarders(), name="forwarders"),
+                     asyncio.create_task(service.run_reporter(), name="reports"),
                      asyncio.create_task(_housekeeping(durable, config), name="housekeeping")]
             if pki is not None:
                 tasks.append(asyncio.create_task(pki.run(), name="pki"))

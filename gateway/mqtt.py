@@ -30,6 +30,8 @@ class Message:
     topic: str
     payload: bytes
     retain: bool = False
+    mid: int = 0          # for `MQTTLink.ack` when the link acknowledges by hand
+    qos: int = 0
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ def parse_broker(url: str) -> tuple[str, int, bool]:
 class MQTTLink:
     def __init__(self, broker_url: str, client_id: str, subscriptions: list[str], *,
                  session_expiry: int = 7 * 24 * 3600, will: Will | None = None,
-                 on_connect: Callable[[], None] | None = None, quiet: bool = False) -> None:
+                 on_connect: Callable[[], None] | None = None, quiet: bool = False,
+                 manual_ack: bool = False, max_queued: int = 10_000) -> None:
         self._host, self._port, tls = parse_broker(broker_url)
         self.client_id = client_id
         self._subscriptions = subscriptions
@@ -66,10 +69,11 @@ class MQTTLink:
         self._misc: asyncio.Task | None = None
         self._reconnector: asyncio.Task | None = None
         self._stopping = False
+        # manual_ack: the broker hears PUBACK only after `ack()`, i.e. after the message is stored
         c = self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                       protocol=paho.MQTTv5)
+                                       protocol=paho.MQTTv5, manual_ack=manual_ack)
         c.max_inflight_messages_set(1000)
-        c.max_queued_messages_set(0)
+        c.max_queued_messages_set(max_queued)  # while disconnected; what is durable elsewhere is re-sent
         if tls:
             c.tls_set()
         if will is not None:
@@ -130,6 +134,11 @@ class MQTTLink:
         self._subscriptions.append(topic_filter)
         if self.connected.is_set():
             self._client.subscribe(topic_filter, options=SubscribeOptions(qos=1))
+
+    def ack(self, message: Message) -> None:
+        """Acknowledge a received QoS 1 message (with manual_ack: once it is safely stored)."""
+        if message.qos > 0:
+            self._client.ack(message.mid, message.qos)
 
     def unsubscribe(self, topic_filter: str) -> None:
         if topic_filter in self._subscriptions:
@@ -232,7 +241,7 @@ class MQTTLink:
         self.connected.clear()
 
     def _on_message(self, client, userdata, msg) -> None:
-        self.messages.put_nowait(Message(msg.topic, bytes(msg.payload), bool(msg.retain)))
+        self.messages.put_nowait(Message(msg.topic, bytes(msg.payload), bool(msg.retain), msg.mid, msg.qos))
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         future = self._pending.pop(mid, None)

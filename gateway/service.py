@@ -1,9 +1,12 @@
 """The gateway's request path: MQTT request -> durable inbox -> RA call -> durable outbox -> publish.
 
-Every request is stored before anything else happens, forwarded by a small pool
-of workers in arrival order, and its final answer is stored before it is
-published; so a gateway killed at any point loses nothing and never asks the CA
-twice for the same (device, request id).
+Every request is stored before the broker hears it was received (manual PUBACK),
+forwarded by a small pool of workers (one request per device at a time, and one
+at a time overall while a backlog drains after an outage, so requests reach the
+CA in arrival order), and its final answer is stored before it is published. A
+gateway killed at any point loses nothing and never asks the CA twice for the
+same (device, request id); the CA's own request-id check covers the moment
+between its answer and our store.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from .topics import Topics
 log = logging.getLogger(__name__)
 
 WORKERS = 8
+QUEUED_AFTER_S = 2.0   # a CA slower than this to answer: tell the device `queued` meanwhile
 
 
 class GatewayService:
@@ -37,9 +41,11 @@ class GatewayService:
         self._db = durable
         self._clock = clock
         self._wake = asyncio.Event()
+        self._reports_wake = asyncio.Event()
         self._told_queued: set[tuple[str, str]] = set()
-        self.ca_reachable = True
         self._on_issued = on_issued  # async callback(serial): e.g. publish its OCSP response at once
+        self.ca_reachable = True
+        self._draining = False       # a backlog from an outage: forward it one at a time, in order
         self.stats = {"requests": 0, "answered": 0, "queued": 0, "bad": 0}
 
     # -- intake -----------------------------------------------------------------
@@ -51,18 +57,18 @@ class GatewayService:
                 await self.handle(message)
             except Exception:
                 log.exception("failed to handle message on %s", message.topic)
+            finally:
+                self._link.ack(message)  # PUBACK only now: the request is stored (or answered)
 
     async def handle(self, message: Message) -> None:
         parsed = self.topics.parse(message.topic)
         if parsed is None:
             log.info("ignoring message on unexpected topic %s", message.topic)
             return
-        if parsed.kind == "presence":
-            await self._presence(parsed.device_id, message.payload)
-        elif parsed.kind == "posture":
-            await self._posture(parsed.device_id, message.payload)
-        else:
+        if parsed.kind == "req":
             await self._request(parsed.device_id, parsed.op, message.payload)
+        else:
+            await self._report(parsed.device_id, parsed.kind, message.payload)
 
     async def _request(self, device_id: str, op: str, payload: bytes) -> None:
         self.stats["requests"] += 1
@@ -70,12 +76,11 @@ class GatewayService:
             request = codec.parse_request(device_id, op, payload)
         except BadRequestError as exc:
             self.stats["bad"] += 1
-            req_id = codec.read_id(payload) if len(payload) <= codec.MAX_PAYLOAD else None
-            if req_id is None or op not in codec.OPS:
-                log.info("unanswerable request device=%s op=%s: %s", device_id, op, exc)
-                if req_id is None:
-                    return
-            # answered on the op's response topic (for an unknown op, on resp/{op} all the same)
+            req_id = codec.read_id(payload)
+            if req_id is None:
+                log.info("unanswerable request device=%s op=%s: %s", device_id, op[:32], exc)
+                return
+            # answered on the response topic of the op it named, known or not
             await self._publish(device_id, op, codec.error_from(req_id, exc))
             return
         if request.op == "ack":
@@ -84,49 +89,80 @@ class GatewayService:
         previous = await self._db.receive(device_id, request.id, op, payload, self._clock(),
                                           self.config.idempotency_window)
         if previous is not None:
-            # the same request again: the same answer, never a second certificate
-            if previous.answer is not None:
-                await self._link.publish(self.topics.response(device_id, op), previous.answer)
-            else:
-                await self._publish(device_id, op, codec.queued(request.id))
+            await self._repeat(request, previous, payload)
             return
-        if not self.ca_reachable:
-            await self._tell_queued(device_id, op, request.id)
+        if not self.ca_reachable or self._draining:
+            await self._tell_queued(device_id, op, request.id)  # behind the backlog: say so at once
         self._wake.set()
 
-    async def _presence(self, device_id: str, payload: bytes) -> None:
-        state = payload.decode("utf-8", "replace").strip().lower()
-        if state not in ("online", "offline"):
-            log.info("bad presence %r from %s", state[:20], device_id)
-            return
-        if state == "online":
-            # whatever the device missed while away, again, oldest first
-            for entry in await self._db.unacked(device_id, self._clock(), self.config.answer_ttl):
-                await self._link.publish(self.topics.response(device_id, entry.op), entry.answer)
-        try:
-            await self._ra.presence(device_id, state == "online")
-        except CAError as exc:
-            log.info("presence of %s not recorded: %s", device_id, exc)
+    async def _repeat(self, request: codec.Request, previous: Entry, payload: bytes) -> None:
+        """The same id again: the same answer (MQTT contract), never a second certificate."""
+        if previous.op != request.op or previous.payload != payload:
+            # the contract keeps the first answer; a device reusing ids after a reboot learns it here
+            log.warning("device %s reused request id %s for a different request; repeating the first answer",
+                        request.device_id, request.id)
+        if previous.answer is not None:
+            await self._link.publish(self.topics.response(request.device_id, previous.op), previous.answer,
+                                     wait=False)
+        else:
+            await self._publish(request.device_id, previous.op, codec.queued(request.id))
 
-    async def _posture(self, device_id: str, payload: bytes) -> None:
-        try:
-            posture = json.loads(payload)
-            if not isinstance(posture, dict):
-                raise ValueError("not an object")
-            await self._ra.posture(device_id, posture)
-        except (ValueError, UnicodeDecodeError) as exc:
-            log.info("bad posture from %s: %s", device_id, exc)
-        except CAError as exc:
-            log.info("posture of %s not recorded: %s", device_id, exc)
+    async def _report(self, device_id: str, kind: str, payload: bytes) -> None:
+        """Presence and posture: stored, forwarded to the CA by `run_reporter` (they survive an outage)."""
+        if kind == "presence":
+            state = payload.decode("utf-8", "replace").strip().lower()
+            if state not in ("online", "offline"):
+                log.info("bad presence %r from %s", state[:20], device_id)
+                return
+            payload = json.dumps({"online": state == "online"}).encode()
+            if state == "online":
+                # whatever the device missed while away, again, oldest first
+                for entry in await self._db.unacked(device_id, self._clock(), self.config.answer_ttl):
+                    await self._link.publish(self.topics.response(device_id, entry.op), entry.answer, wait=False)
+        else:
+            try:
+                if not isinstance(json.loads(payload), dict):
+                    raise ValueError("not a JSON object")
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+                log.info("bad posture from %s: %s", device_id, exc)
+                return
+        await self._db.note_report(device_id, kind, payload, self._clock())
+        self._reports_wake.set()
+
+    async def run_reporter(self) -> None:
+        while True:
+            reports = await self._db.reports()
+            sent = 0
+            for device_id, kind, payload, at in reports:
+                try:
+                    body = json.loads(payload)
+                    if kind == "presence":
+                        await self._ra.presence(device_id, bool(body["online"]))
+                    else:
+                        await self._ra.posture(device_id, body)
+                except CAUnreachableError:
+                    break  # kept; tried again later
+                except CAError as exc:
+                    log.info("%s of %s refused by the CA: %s", kind, device_id, exc)
+                await self._db.drop_report(device_id, kind, at)
+                sent += 1
+            if sent < len(reports) or not reports:
+                self._reports_wake.clear()
+                try:
+                    await asyncio.wait_for(self._reports_wake.wait(), self.config.retry_every.total_seconds())
+                except asyncio.TimeoutError:
+                    pass
 
     # -- forwarding -------------------------------------------------------------
     async def run_forwarders(self) -> None:
-        await asyncio.gather(*(self._forwarder() for _ in range(WORKERS)))
+        await asyncio.gather(*(self._forwarder(i) for i in range(WORKERS)))
 
-    async def _forwarder(self) -> None:
+    async def _forwarder(self, index: int) -> None:
         while True:
-            entry = await self._db.claim_next(self._clock())
+            entry = None if (self._draining and index) else await self._db.claim_next(self._clock())
             if entry is None:
+                if index == 0 and self.ca_reachable:
+                    self._draining = False  # the backlog is gone: back to parallel forwarding
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.config.retry_every.total_seconds())
@@ -141,27 +177,32 @@ class GatewayService:
 
     async def _forward(self, entry: Entry) -> None:
         request = codec.parse_request(entry.device_id, entry.op, entry.payload)
+        call = asyncio.ensure_future(self._call(request))
+        done, _ = await asyncio.wait([call], timeout=QUEUED_AFTER_S)
+        if not done:
+            await self._tell_queued(entry.device_id, entry.op, request.id)
         serial = None
         try:
-            fields = await self._call(request)
+            fields = await call
             serial = fields.pop("serial", None)
             answer = codec.ok(request.id, **fields)
         except CAUnreachableError as exc:
             if self.ca_reachable:
                 log.warning("CA unreachable, queueing requests: %s", exc)
             self.ca_reachable = False
+            self._draining = True
             await self._db.unclaim(entry.seq)
             await self._tell_queued(entry.device_id, entry.op, request.id)
             await asyncio.sleep(self.config.retry_every.total_seconds())
             return
         except PendingApprovalError as exc:
-            await self._db.unclaim(entry.seq, retry_at=self._clock_plus(exc.retry_after or 60))
+            await self._db.unclaim(entry.seq, retry_at=self._clock() + timedelta(seconds=exc.retry_after or 60))
             await self._tell_queued(entry.device_id, entry.op, request.id)
             return
         except CAError as exc:
             answer = codec.error_from(request.id, exc)
         if not self.ca_reachable:
-            log.info("CA reachable again; forwarding the queue")
+            log.info("CA reachable again; forwarding the queue in order")
             self.ca_reachable = True
         payload = codec.encode(answer)
         await self._db.answer(entry.seq, payload, self._clock(), serial=serial)   # stored before it is sent
@@ -183,9 +224,6 @@ class GatewayService:
             data = await self._ra.csrattrs()
             return {"csrattrs": data["csrattrs"], "key_types": data["key_types"]}
         return {"cert": data["cert"], "chain": data["chain"], "not_after": data["not_after"], "serial": data["serial"]}
-
-    def _clock_plus(self, seconds: int) -> datetime:
-        return self._clock() + timedelta(seconds=seconds)
 
     async def _tell_queued(self, device_id: str, op: str, req_id: str) -> None:
         if (device_id, req_id) in self._told_queued:

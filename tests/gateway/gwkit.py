@@ -1,0 +1,581 @@
+"""Process and device helpers for the gateway tests: the real broker, server and gateway as
+subprocesses, and devices driven with the tools a device vendor would use (openssl,
+mosquitto_pub, mosquitto_sub).
+
+Every wait is bounded; every process is stopped by its own pid (never by name). Each
+process writes its stderr to a file; the conftest prints those files when a test fails.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509 import ocsp as x509_ocsp
+
+BIN = Path(sys.executable).parent
+IOMTCA = str(BIN / "iomtca")
+ROOT = "iomt/v1"
+UNSET_ENV = ("IOMTCA_PASSPHRASE", "IOMTCA_HOME")
+
+# Everything started by these helpers, for the failure report and the final clean-up.
+PROCESSES: list["Proc"] = []
+SUBSCRIBERS: list["Sub"] = []
+
+
+def env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if k not in UNSET_ENV}
+    e["LC_ALL"] = "C"
+    return e
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(argv, *, timeout: float = 30, check: bool = True, input: bytes | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess:
+    argv = [str(a) for a in argv]
+    proc = subprocess.run(argv, capture_output=True, timeout=timeout, env=env(), input=input, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(argv)}\n"
+                             f"--- stdout\n{proc.stdout.decode(errors='replace')}\n"
+                             f"--- stderr\n{proc.stderr.decode(errors='replace')}")
+    return proc
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- processes ---------------------------------------------------------------------------
+class Proc:
+    """A long-running subprocess: stdout read line by line (for its ready line), stderr to a file."""
+
+    def __init__(self, name: str, argv: list, log_dir: Path) -> None:
+        self.name = name
+        self.argv = [str(a) for a in argv]
+        self.log_dir = log_dir
+        self.popen: subprocess.Popen | None = None
+        self.stderr_path: Path | None = None
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.stdout_text: list[str] = []
+        self.starts = 0
+
+    def start(self, ready: re.Pattern | None = None, timeout: float = 20) -> re.Match | None:
+        assert self.popen is None or self.popen.poll() is not None, f"{self.name} is already running"
+        self.starts += 1
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.stderr_path = self.log_dir / f"{self.name}-{self.starts}.stderr.log"
+        err = open(self.stderr_path, "wb")
+        self.lines = queue.Queue()
+        self.popen = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=err, env=env(),
+                                      cwd=self.log_dir, start_new_session=True)
+        err.close()
+        PROCESSES.append(self)
+        threading.Thread(target=self._pump, args=(self.popen, self.lines), daemon=True).start()
+        if ready is None:
+            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, min(0.2, deadline - time.monotonic())))
+            except queue.Empty:
+                line = None
+            if line is not None:
+                match = ready.search(line)
+                if match:
+                    return match
+            if self.popen.poll() is not None and self.lines.empty():
+                raise AssertionError(f"{self.name} exited ({self.popen.returncode}) before it was ready:\n"
+                                     f"{self.stderr_tail()}")
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{self.name} not ready within {timeout}s:\n{self.stderr_tail()}")
+
+    def _pump(self, popen: subprocess.Popen, lines: queue.Queue) -> None:
+        for raw in popen.stdout:
+            text = raw.decode(errors="replace").rstrip("\n")
+            self.stdout_text.append(text)
+            lines.put(text)
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self, grace: float = 5) -> float:
+        """SIGTERM, then SIGKILL after `grace` seconds; returns how long the process took to exit."""
+        if not self.alive:
+            return 0.0
+        started = time.monotonic()
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(10)
+        return time.monotonic() - started
+
+    def kill(self) -> None:
+        if self.alive:
+            self.popen.kill()
+            self.popen.wait(10)
+
+    def stderr_text(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace") if self.stderr_path else ""
+        except FileNotFoundError:
+            return ""
+
+    def stderr_tail(self, chars: int = 6000) -> str:
+        text = self.stderr_text()
+        return text[-chars:]
+
+
+class Broker:
+    """mosquitto on a free port, with persistence, restartable on the same port."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        persist = work / "persist"
+        persist.mkdir(exist_ok=True)
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "persistence true",
+                 f"persistence_location {persist}/", "set_tcp_nodelay true", "max_queued_messages 10000",
+                 "log_dest stderr", "log_type all", "connection_messages true"]
+        if os.geteuid() == 0:
+            # run as root mosquitto drops to user "mosquitto", which cannot write the persistence file here
+            lines.append("user root")
+        self.conf = work / "mosquitto.conf"
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.proc = Proc("mosquitto", ["mosquitto", "-c", self.conf], work)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10) -> None:
+        self.proc.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                pass
+            if not self.proc.alive:
+                raise AssertionError(f"mosquitto exited ({self.proc.popen.returncode}):\n{self.proc.stderr_tail()}")
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"mosquitto not accepting on {self.port} within {timeout}s")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.proc.stop(grace=5)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        return self.proc.stderr_text()
+
+
+SERVE_READY = re.compile(r"iomtca serve: listening est=(https://127\.0\.0\.1:(\d+)) ocsp=(http://\S+)")
+GATEWAY_READY = re.compile(r"iomtca gateway: connected broker=\S+ ca=\S+ client_id=(\S+)")
+
+
+class CAServer:
+    def __init__(self, home: Path, logs: Path) -> None:
+        self.home = home
+        self.proc = Proc("serve", [IOMTCA, "serve", "--dir", home, "--listen", "127.0.0.1:0",
+                                   "--http-listen", "127.0.0.1:0"], logs)
+        self.est_url = ""
+        self.est_port = 0
+
+    def start(self, port: int | None = None) -> None:
+        port = port if port is not None else 0
+        self.proc.argv[self.proc.argv.index("--listen") + 1] = f"127.0.0.1:{port}"
+        match = self.proc.start(SERVE_READY, timeout=30)
+        self.est_url, self.est_port = match.group(1), int(match.group(2))
+
+    def restart_same_port(self) -> None:
+        self.start(self.est_port)
+
+    def stop(self, grace: float = 2) -> float:
+        return self.proc.stop(grace=grace)
+
+
+class Gateway:
+    def __init__(self, home: Path, broker: Broker, ca_url: str, client_id: str, logs: Path, *,
+                 publish_pki: bool = True) -> None:
+        argv = [IOMTCA, "gateway", "--dir", home, "--broker", broker.url, "--ca", ca_url,
+                "--client-id", client_id]
+        if not publish_pki:
+            argv.append("--no-publish-pki")
+        self.client_id = client_id
+        self.proc = Proc(f"gateway-{client_id}", argv, logs)
+
+    def start(self) -> None:
+        match = self.proc.start(GATEWAY_READY, timeout=30)
+        assert match.group(1) == self.client_id
+
+    def stop(self) -> float:
+        return self.proc.stop(grace=5)
+
+    def kill(self) -> None:
+        self.proc.kill()
+
+
+# -- CA directory ----------------------------------------------------------------------
+def init_ca(home: Path) -> None:
+    run([IOMTCA, "init", "--dir", home], timeout=60)
+
+
+def configure(home: Path, *, ca_tables: str = "", gateway: str = "") -> None:
+    """Put `[ca.*]` tables before the [storage] line (so they belong to [ca]) and append [gateway]."""
+    path = home / "config.toml"
+    text = path.read_text()
+    if ca_tables:
+        assert "\n[storage]" in text
+        text = text.replace("\n[storage]", "\n" + ca_tables.strip() + "\n\n[storage]", 1)
+    if gateway:
+        text += "\n[gateway]\n" + gateway.strip() + "\n"
+    path.write_text(text)
+
+
+def iomtca(home: Path, *args, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    return run([IOMTCA, *args, "--dir", home], check=check, timeout=timeout)
+
+
+def register(home: Path, devices: list[tuple], work: Path) -> dict[str, str]:
+    """Register (device_id, model[, firmware[, criticality]]) rows with `iomtca device import`;
+    returns device id -> one-time token."""
+    work.mkdir(parents=True, exist_ok=True)
+    csv_path = work / f"devices-{time.monotonic_ns()}.csv"
+    tokens_path = csv_path.with_suffix(".tokens.csv")
+    rows = ["device_id,model,owner,firmware,criticality"]
+    for dev in devices:
+        device_id, model, firmware, criticality = (list(dev) + ["", "", ""])[:4]
+        rows.append(f"{device_id},{model},icu,{firmware},{criticality or 'medium'}")
+    csv_path.write_text("\n".join(rows) + "\n")
+    iomtca(home, "device", "import", csv_path, "--tokens-out", tokens_path)
+    tokens = {}
+    for line in tokens_path.read_text().splitlines()[1:]:
+        device_id, token, _ = line.split(",")
+        tokens[device_id] = token
+    return tokens
+
+
+def certificates(home: Path, device_id: str | None = None) -> list[dict]:
+    args = ["cert", "list", "--json"]
+    if device_id:
+        args += ["--device", device_id]
+    return json.loads(iomtca(home, *args).stdout)
+
+
+def device_certs(home: Path, prefix: str) -> dict[str, list[dict]]:
+    by_device: dict[str, list[dict]] = {}
+    for row in certificates(home):
+        if row["device_id"] and row["device_id"].startswith(prefix):
+            by_device.setdefault(row["device_id"], []).append(row)
+    return by_device
+
+
+# -- MQTT with the mosquitto clients -----------------------------------------------------
+def pub(port: int, topic: str, message: str | bytes | None = None, *, file: Path | None = None,
+        retain: bool = False, qos: int = 1) -> None:
+    argv = ["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", qos, "-t", topic]
+    if retain:
+        argv.append("-r")
+    if file is not None:
+        argv += ["-f", file]
+    elif isinstance(message, bytes):
+        argv += ["-s"]
+    else:
+        argv += ["-m", message]
+    run(argv, timeout=15, input=message if isinstance(message, bytes) else None)
+
+
+def pub_json(port: int, topic: str, body: dict) -> None:
+    pub(port, topic, json.dumps(body))
+
+
+def retained(port: int, topic: str, wait_s: int = 2) -> bytes | None:
+    """One retained read (raw bytes), None if the topic holds nothing."""
+    proc = run(["mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-q", "1", "-t", topic, "-C", "1",
+                "-W", wait_s, "-N", "--retained-only"], check=False, timeout=wait_s + 10)
+    return proc.stdout if proc.returncode == 0 and proc.stdout else None
+
+
+@dataclass(frozen=True)
+class Msg:
+    topic: str
+    payload: str
+    at: float
+
+    def json(self) -> dict:
+        return json.loads(self.payload)
+
+
+class Sub:
+    """mosquitto_sub in the background (-d -v); ready once the broker acknowledged SUBSCRIBE.
+
+    JSON payloads only (one line each): lines starting with the topic root are messages.
+    """
+
+    def __init__(self, port: int, *topics: str, count: int | None = None, wait_s: int = 60,
+                 client_id: str | None = None, persistent: bool = False) -> None:
+        # stdbuf: -d lines go through stdio, fully buffered on a pipe; the SUBACK line must arrive now
+        argv = ["stdbuf", "-oL", "mosquitto_sub", "-d", "-v", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-W", str(wait_s)]
+        for topic in topics:
+            argv += ["-t", topic]
+        if count is not None:
+            argv += ["-C", str(count)]
+        if client_id:
+            argv += ["-i", client_id]
+        if persistent:
+            argv.append("-c")
+        self.argv = argv
+        self.messages: list[Msg] = []
+        self._new = threading.Condition()
+        self._ready = threading.Event()
+        self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env(),
+                                      start_new_session=True)
+        SUBSCRIBERS.append(self)
+        threading.Thread(target=self._pump, daemon=True).start()
+        if not self._ready.wait(10):
+            self.close()
+            raise AssertionError(f"mosquitto_sub did not get its SUBACK within 10s: {' '.join(argv)}")
+
+    def _pump(self) -> None:
+        for raw in self.popen.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            if line.startswith("Subscribed (mid"):
+                self._ready.set()
+            elif line.startswith(ROOT + "/") and " " in line:
+                topic, payload = line.split(" ", 1)
+                with self._new:
+                    self.messages.append(Msg(topic, payload, time.monotonic()))
+                    self._new.notify_all()
+        with self._new:
+            self._new.notify_all()
+
+    def wait_for(self, predicate, timeout: float, what: str = "a message") -> Msg:
+        """The first message (already received or still to come) for which predicate(msg) holds."""
+        deadline = time.monotonic() + timeout
+        with self._new:
+            while True:
+                for msg in self.messages:
+                    if predicate(msg):
+                        return msg
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    seen = "\n".join(f"  {m.topic} {m.payload[:160]}" for m in self.messages[-20:])
+                    raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}; "
+                                         f"received so far:\n{seen or '  (nothing)'}")
+                self._new.wait(min(left, 0.2))
+
+    def wait_count(self, predicate, n: int, timeout: float, what: str = "messages") -> list[Msg]:
+        """Wait until at least n received messages satisfy predicate; return them."""
+        deadline = time.monotonic() + timeout
+        with self._new:
+            while True:
+                found = [m for m in self.messages if predicate(m)]
+                if len(found) >= n:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out after {timeout:.1f}s waiting for {n} x {what}; got {len(found)}")
+                self._new.wait(min(left, 0.2))
+
+    def answer(self, req_id: str, timeout: float = 15, *, final: bool = True, topic: str | None = None) -> dict:
+        """The answer with this id (the final one, i.e. not `queued`, unless final=False)."""
+        def match(m: Msg) -> bool:
+            if topic is not None and m.topic != topic:
+                return False
+            try:
+                body = m.json()
+            except ValueError:
+                return False
+            return body.get("id") == req_id and (not final or body.get("status") != "queued")
+        return self.wait_for(match, timeout, f"answer to {req_id!r}").json()
+
+    def quiet_for(self, seconds: float, predicate=lambda m: True) -> list[Msg]:
+        """Wait `seconds` and return the matching messages that arrived meanwhile."""
+        start = len(self.messages)
+        time.sleep(seconds)
+        with self._new:
+            return [m for m in self.messages[start:] if predicate(m)]
+
+    def with_id(self, req_id: str) -> list[dict]:
+        return self.bodies(lambda m: m.json().get("id") == req_id)
+
+    def bodies(self, predicate=lambda m: True) -> list[dict]:
+        with self._new:
+            return [m.json() for m in self.messages if predicate(m)]
+
+    def close(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(5)
+
+    def __enter__(self) -> "Sub":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def resp(device_id: str, op: str = "#") -> str:
+    return f"{ROOT}/dev/{device_id}/resp/{op}"
+
+
+def req(device_id: str, op: str) -> str:
+    return f"{ROOT}/dev/{device_id}/req/{op}"
+
+
+# -- a device made of openssl and mosquitto clients ----------------------------------------
+class Device:
+    def __init__(self, device_id: str, port: int, work: Path, token: str | None = None) -> None:
+        self.id = device_id
+        self.port = port
+        self.dir = work / "devices" / device_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.token = token
+        self.key: Path | None = None        # the key of the current certificate
+        self.cert: Path | None = None       # the current certificate (PEM)
+        self._n = 0
+
+    # files made with openssl
+    def new_key_and_csr(self) -> tuple[Path, Path]:
+        self._n += 1
+        key, csr = self.dir / f"key{self._n}.pem", self.dir / f"csr{self._n}.der"
+        run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", key, "-subj", f"/CN={self.id}", "-outform", "DER", "-out", csr])
+        return key, csr
+
+    def cms(self, csr: Path, signer_cert: Path | None = None, signer_key: Path | None = None) -> Path:
+        out = csr.with_suffix(".cms")
+        run(["openssl", "cms", "-sign", "-binary", "-nodetach", "-in", csr, "-signer", signer_cert or self.cert,
+             "-inkey", signer_key or self.key, "-outform", "DER", "-out", out])
+        return out
+
+    # requests
+    def enroll_request(self, req_id: str, csr: Path, token: str | None = None) -> dict:
+        return {"id": req_id, "csr": b64(csr.read_bytes()), "token": token or self.token}
+
+    def reenroll_request(self, req_id: str, cms: Path) -> dict:
+        return {"id": req_id, "cms": b64(cms.read_bytes())}
+
+    def send(self, op: str, body: dict | str | bytes) -> None:
+        if isinstance(body, dict):
+            body = json.dumps(body)
+        pub(self.port, req(self.id, op), body)
+
+    def subscribe(self, **kw) -> Sub:
+        return Sub(self.port, resp(self.id), **kw)
+
+    def enroll(self, req_id: str, timeout: float = 15) -> dict:
+        """simpleenroll with the token; on ok the new certificate and key become current."""
+        key, csr = self.new_key_and_csr()
+        with self.subscribe() as sub:
+            self.send("simpleenroll", self.enroll_request(req_id, csr))
+            answer = sub.answer(req_id, timeout)
+        if answer["status"] == "ok":
+            self.adopt(answer, key)
+        return answer
+
+    def reenroll(self, req_id: str, timeout: float = 15) -> dict:
+        key, csr = self.new_key_and_csr()
+        cms = self.cms(csr)
+        with self.subscribe() as sub:
+            self.send("simplereenroll", self.reenroll_request(req_id, cms))
+            answer = sub.answer(req_id, timeout)
+        if answer["status"] == "ok":
+            self.adopt(answer, key)
+        return answer
+
+    def adopt(self, answer: dict, key: Path) -> Path:
+        self._n += 1
+        cert = self.dir / f"cert{self._n}.pem"
+        cert.write_bytes(der_to_pem(base64.b64decode(answer["cert"])))
+        self.cert, self.key = cert, key
+        return cert
+
+    def write_cert(self, answer: dict, name: str) -> Path:
+        path = self.dir / name
+        path.write_bytes(der_to_pem(base64.b64decode(answer["cert"])))
+        return path
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def der_to_pem(der: bytes) -> bytes:
+    return x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM)
+
+
+def cert_serial(answer: dict) -> str:
+    return format(x509.load_der_x509_certificate(base64.b64decode(answer["cert"])).serial_number, "x")
+
+
+# -- judges ------------------------------------------------------------------------------
+def openssl_verify(home: Path, cert: Path) -> str:
+    proc = run(["openssl", "verify", "-CAfile", home / "chain.pem", cert], check=False)
+    out = (proc.stdout + proc.stderr).decode(errors="replace")
+    assert proc.returncode == 0 and out.strip().endswith("OK"), f"openssl verify rejected {cert}:\n{out}"
+    return out
+
+
+def ocsp_status(der: bytes) -> str:
+    """good / revoked / unknown, read with cryptography (fast, for polling loops)."""
+    resp = x509_ocsp.load_der_ocsp_response(der)
+    return resp.certificate_status.name.lower()
+
+
+def openssl_ocsp(home: Path, der: bytes, cert: Path, work: Path) -> str:
+    """Verify a retained OCSP response with openssl and return its text (status line included)."""
+    path = work / f"ocsp-{time.monotonic_ns()}.der"
+    path.write_bytes(der)
+    proc = run(["openssl", "ocsp", "-respin", path, "-VAfile", home / "ocsp.pem", "-CAfile", home / "chain.pem",
+                "-issuer", home / "issuing.pem", "-cert", cert, "-no_nonce"], check=False)
+    out = (proc.stdout + proc.stderr).decode(errors="replace")
+    assert proc.returncode == 0 and "Response verify OK" in out, f"openssl ocsp rejected the response:\n{out}"
+    return out
+
+
+def crl_serials(der: bytes, work: Path) -> set[str]:
+    """Serials listed in a DER CRL, read by `openssl crl -text` (lowercase hex, no leading zeros)."""
+    path = work / f"crl-{time.monotonic_ns()}.der"
+    path.write_bytes(der)
+    text = run(["openssl", "crl", "-inform", "DER", "-in", path, "-noout", "-text"]).stdout.decode()
+    return {m.lower().lstrip("0") for m in re.findall(r"Serial Number:\s*([0-9A-Fa-f]+)", text)}
