@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEB_TOOLS := openssl:openssl mosquitto:mosquitto mosquitto_pub:mosquitto-clients certtool:gnutls-bin ocsptool:gnutls-bin curl:curl
 DEMO_DIR ?= demo-data
 
-.PHONY: test demo deps venv clean
+.PHONY: test demo bench deps venv clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ test: venv deps
 
 demo: venv deps
 	$(PY) -m cli.demo --dir $(DEMO_DIR)
+
+# QUICK=1: small sizes, under 2 minutes (what the test suite runs)
+bench: venv deps
+	$(PY) -m bench.run $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .hypothesis

@@ -112,7 +112,7 @@ class Authority:
             return await self.renew(device_id, csr, credential, request_id=request_id)
         now = self._clock()
         who = actor(credential, device_id)
-        prof = self.config.profile(profile)
+        self.config.profile(profile)  # an unknown profile fails before anything is read or written
         try:
             if isinstance(credential, TokenAuth):
                 self.token_failures.check(device_id)
@@ -134,7 +134,7 @@ class Authority:
                 if token is not None:
                     await tx.mark_token_used(token.id, now)
                 await tx.clear_approval(device_id)
-        except PendingApprovalError as exc:
+        except PendingApprovalError:
             await self._record_pending(device_id, now, who)
             raise
         except CAError as exc:

@@ -16,7 +16,7 @@ from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 from . import policy
 from .errors import PolicyViolationError
 from .model import Device, spiffe_id
-from .profiles import Profile, SubjectRule
+from .profiles import Profile
 from .signer import Signer
 
 # notBefore is set this far in the past so devices with slightly slow clocks

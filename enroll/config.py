@@ -5,7 +5,6 @@ import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 
 from cryptography import x509
 

@@ -2,7 +2,6 @@
 the first enrollment, the current certificate for renewal, PKCS#7 parsing via enroll.codec."""
 from __future__ import annotations
 
-import asyncio
 import base64
 import ssl
 from pathlib import Path
@@ -48,11 +47,14 @@ class ESTClient:
     async def __aexit__(self, *exc) -> None:
         await self._session.close()
 
-    async def _post(self, op: str, csr: x509.CertificateSigningRequest, *, auth=None, session=None):
+    async def _post(self, op: str, csr: x509.CertificateSigningRequest, *, basic: tuple[str, str] | None = None,
+                    session=None):
         body = base64.b64encode(csr.public_bytes(serialization.Encoding.DER))
+        headers = {"Content-Type": codec.CT_PKCS10}
+        if basic is not None:
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{basic[0]}:{basic[1]}".encode()).decode()
         s = session or self._session
-        async with s.post(f"{self._base}/{op}", data=body, auth=auth,
-                          headers={"Content-Type": codec.CT_PKCS10}) as resp:
+        async with s.post(f"{self._base}/{op}", data=body, headers=headers) as resp:
             data = await resp.read()
             if resp.status != 200:
                 retry = resp.headers.get("Retry-After")
@@ -67,11 +69,11 @@ class ESTClient:
             return codec.decode_certs_only(await resp.read())
 
     async def simpleenroll(self, device_id: str, token: str, csr) -> x509.Certificate:
-        data, _ = await self._post("simpleenroll", csr, auth=aiohttp.BasicAuth(device_id, token))
+        data, _ = await self._post("simpleenroll", csr, basic=(device_id, token))
         return codec.decode_certs_only(data)[0]
 
     async def serverkeygen(self, device_id: str, token: str, csr) -> tuple[bytes, x509.Certificate]:
-        data, content_type = await self._post("serverkeygen", csr, auth=aiohttp.BasicAuth(device_id, token))
+        data, content_type = await self._post("serverkeygen", csr, basic=(device_id, token))
         return codec.decode_serverkeygen(data, content_type)
 
     async def simplereenroll(self, cert: Path, key: Path, csr) -> x509.Certificate:
@@ -114,7 +116,3 @@ def ocsp_url(cert: x509.Certificate) -> str | None:
         if desc.access_method == x509.oid.AuthorityInformationAccessOID.OCSP:
             return desc.access_location.value
     return None
-
-
-async def sleep_backoff(attempt: int) -> None:
-    await asyncio.sleep(min(0.2 * 2 ** attempt, 5))

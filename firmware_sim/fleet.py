@@ -20,7 +20,7 @@ from ca.registry import new_device
 from ca.timefmt import utc_now
 
 from .connectivity import MODELS, Connectivity
-from .device import DeviceRecord, State, has_valid_certificate
+from .device import DeviceRecord, State, has_valid_certificate, next_action
 from .est_client import ESTClient
 from .persist import DeviceFolder
 from .sim_device import SimDevice
@@ -69,6 +69,11 @@ class Fleet:
     def grace_for(self, record: DeviceRecord) -> timedelta:
         return self._grace[record.device_id]
 
+    async def record_firmware(self, device_id: str, firmware: str) -> None:
+        """What a maintenance system does after a technician updates an HTTP device."""
+        async with await Authority.open(self.options.home) as authority:
+            await authority.record_posture(device_id, {"firmware": firmware})
+
     async def limited(self, coro) -> None:
         async with self._sem:
             await coro
@@ -97,10 +102,14 @@ class Fleet:
             for index, device_id in enumerate(ids):
                 folder = DeviceFolder(root, device_id)
                 device: Device = registered[device_id]
+                grace = authority.config.renewal_grace_for(device)
                 if folder.exists():
                     record = folder.load()          # a restarted device keeps its identity
-                    if record.state is State.UNENROLLED and device_id in tokens:
-                        record.token = tokens[device_id]
+                    next_action(record, utc_now(), grace)  # judge its state as of now
+                    if record.state in (State.UNENROLLED, State.STRANDED) and device_id in tokens:
+                        # an engineer's new token brings a stranded device back: it enrolls afresh
+                        record.token, record.state = tokens[device_id], State.UNENROLLED
+                        folder.save(record)
                 else:
                     if device_id not in tokens:
                         tokens[device_id] = (await authority.registry.new_token(device_id, actor="system:simulator")).secret
@@ -108,7 +117,7 @@ class Fleet:
                                           transport=_transport(o.transport, index), token=tokens[device_id])
                     folder.path.mkdir(parents=True, exist_ok=True)
                     folder.save(record)
-                self._grace[device_id] = authority.config.renewal_grace_for(device)
+                self._grace[device_id] = grace
                 if folder.load_cert() is not None and record.state is not State.UNENROLLED:
                     self.certificates[device_id] = folder.load_cert()
                 records.append((record, folder))

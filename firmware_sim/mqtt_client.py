@@ -119,8 +119,8 @@ class DeviceMQTT:
             self._retained.pop(topic, None)
             self.link.unsubscribe(topic)
 
-    async def ocsp(self, serial_hex: str) -> x509_ocsp.OCSPResponse:
-        return x509_ocsp.load_der_ocsp_response(await self.retained(self.topics.ocsp(serial_hex)))
+    async def ocsp(self, serial_hex: str, timeout: float = 5) -> x509_ocsp.OCSPResponse:
+        return x509_ocsp.load_der_ocsp_response(await self.retained(self.topics.ocsp(serial_hex), timeout))
 
 
 def b64(data: bytes) -> str:

@@ -49,6 +49,8 @@ class SimDevice:
         self.ward = ward
         self.mqtt: DeviceMQTT | None = None
         self.online = False
+        self._window_end = 0.0
+        self._not_before = 0.0       # back-off after a refusal (monotonic time)
         self.grace = fleet.grace_for(record)
 
     @property
@@ -72,6 +74,7 @@ class SimDevice:
             await self.online_until(min(time.monotonic() + self.conn.online(), deadline))
 
     async def online_until(self, end: float) -> None:
+        self._window_end = end
         self.online = True
         self.fleet.online += 1
         try:
@@ -92,14 +95,19 @@ class SimDevice:
             await self._collect_answers()
             while not self.mqtt.notices.empty():
                 notice = self.mqtt.notices.get_nowait()
-                if notice.get("type") == "renew":
-                    self.record.renew_requested = True
+                if notice.get("type") == "renew" and notice.get("serial") == self.record.serial:
+                    self.record.renew_requested = True  # a notice about a replaced certificate is stale
                 elif notice.get("type") == "revoked" and notice.get("serial") == self.record.serial:
                     self.record.state = State.REVOKED
                     self.save()
+        before = self.record.state
         action = next_action(self.record, utc_now(), self.grace)
+        if self.record.state is not before:
+            self.save()  # expired or stranded: what the device concluded survives a restart
         if self.record.state is State.STRANDED:
             return
+        if time.monotonic() < self._not_before:
+            action = Action.NONE
         if action is Action.ENROLL and not self.record.pending:
             await self.fleet.limited(self.enroll())
         elif action is Action.RENEW and not self.record.pending:
@@ -144,7 +152,9 @@ class SimDevice:
         self.save()
         queued_before = self.mqtt.queued
         try:
-            answer = await asyncio.wait_for(asyncio.shield(future), timeout=20)
+            # no longer than the online window lasts: the answer waits at the gateway otherwise
+            timeout = max(0.5, min(20.0, self._window_end - time.monotonic()))
+            answer = await asyncio.wait_for(asyncio.shield(future), timeout=timeout)
         except asyncio.TimeoutError:
             self.stats.count("queued" if self.mqtt.queued > queued_before else "waiting")
             return  # stays pending: the answer comes when the device is back
@@ -192,7 +202,7 @@ class SimDevice:
                                                          make_csr(key, record.device_id))
                 op = "http_simpleenroll"
         except ESTError as exc:
-            self._refused("simpleenroll", exc.code)
+            self._refused("simpleenroll", exc.code, exc.retry_after)
             return
         except (OSError, asyncio.TimeoutError) as exc:
             self.stats.error("est_unreachable")
@@ -204,7 +214,6 @@ class SimDevice:
     async def renew(self) -> None:
         record = self.record
         expired = record.state is State.EXPIRED
-        record.state = State.RENEWING if not expired else State.EXPIRED
         key = generate_key("ec-p256")
         self.folder.write_key(key, new=True)
         csr = make_csr(key, record.device_id)
@@ -220,7 +229,7 @@ class SimDevice:
             cert = await self.fleet.est.simplereenroll(self.folder.cert, self.folder.key, csr)
         except ESTError as exc:
             self.folder.discard_new()
-            self._refused("simplereenroll", exc.code)
+            self._refused("simplereenroll", exc.code, exc.retry_after)
             return
         except (OSError, asyncio.TimeoutError):
             self.folder.discard_new()
@@ -260,8 +269,9 @@ class SimDevice:
                 cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
             raise ValueError("certificate does not carry our new key")
 
-    def _refused(self, op: str, code: str) -> None:
+    def _refused(self, op: str, code: str, retry_after: int | None = None) -> None:
         self.stats.error(code)
+        self._not_before = time.monotonic() + (retry_after or 2.0)  # no hammering after a refusal
         record = self.record
         if code == "revoked":
             record.state = State.REVOKED
@@ -270,20 +280,23 @@ class SimDevice:
             asyncio.ensure_future(self.upgrade_firmware())
         elif code == "unauthorized" and op == "simplereenroll" and record.state is State.EXPIRED:
             record.state = State.STRANDED
-        elif record.state is State.RENEWING:
-            record.state = State.ENROLLED
         self.save()
 
     async def upgrade_firmware(self) -> None:
-        if self.mqtt is None:
-            return
+        """A firmware update: MQTT devices report it as posture; for HTTP devices (EST has no posture)
+        the update is recorded in the registry, as a hospital's maintenance system would."""
         self.record.firmware = bump(self.record.firmware)
         self.stats.count("firmware_upgrades")
-        await self.mqtt.posture(self.record.firmware, self.record.model)
+        if self.mqtt is not None:
+            await self.mqtt.posture(self.record.firmware, self.record.model)
+        else:
+            await self.fleet.record_firmware(self.record.device_id, self.record.firmware)
         self.save()
 
     async def check_peer(self) -> None:
-        peers = [p for p in self.ward if p != self.record.device_id and p in self.fleet.certificates]
+        now = utc_now()
+        peers = [p for p in self.ward if p != self.record.device_id and p in self.fleet.certificates
+                 and self.fleet.certificates[p].not_valid_after_utc > now]  # nobody checks an expired one
         if not peers:
             return
         peer = self.rng.choice(peers)
@@ -291,7 +304,7 @@ class SimDevice:
         started = time.monotonic()
         try:
             if self.mqtt is not None:
-                resp = await self.mqtt.ocsp(format(cert.serial_number, "x"))
+                resp = await self.mqtt.ocsp(format(cert.serial_number, "x"), timeout=3)
                 op = "mqtt_ocsp"
             else:
                 resp = await self.fleet.est.ocsp(ocsp_url(cert), cert, self.fleet.issuer)

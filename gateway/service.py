@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from ca.errors import BadRequestError, CAError, PendingApprovalError
 from ca.timefmt import Clock, utc_now
