@@ -126,7 +126,8 @@ class SimDevice:
         for req_id in self.record.pending:  # answers that arrived while we were away come again
             self.mqtt.expect(req_id)
         try:
-            await self.mqtt.connect(timeout=max(1.0, end - time.monotonic()))
+            # at least 5 s: a loaded broker or machine is slow to answer, not unreachable
+            await self.mqtt.connect(timeout=max(5.0, end - time.monotonic()))
         except (asyncio.TimeoutError, OSError):
             self.stats.error("broker_unreachable")
             await self.mqtt.disconnect(graceful=False)
