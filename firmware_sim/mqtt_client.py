@@ -81,9 +81,10 @@ class DeviceMQTT:
                 waiter.set_result(answer)
 
     def expect(self, req_id: str) -> asyncio.Future:
-        """A future for the final answer to `req_id` (also one re-published after a reconnect)."""
+        """The future for the final answer to `req_id` (also one re-published after a reconnect);
+        an answer that has already arrived stays in it until the device acks it."""
         future = self._waiting.get(req_id)
-        if future is None or future.done():
+        if future is None:
             future = self._waiting[req_id] = asyncio.get_running_loop().create_future()
         return future
 

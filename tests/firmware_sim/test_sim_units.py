@@ -371,3 +371,25 @@ def test_stale_response_is_rejected(pki):
     stale = _response(pki, this_update=NOW - timedelta(days=3), next_update=NOW - timedelta(days=2))
     with pytest.raises(OCSPVerifyError):
         verified_status(stale, pki["issuer"], pki["device"].serial_number)
+
+
+async def test_an_answer_that_arrived_while_not_looked_at_is_kept():
+    """A device that was waiting for an answer (queued, offline) must still find it when it next
+    looks: asking for the future of a request id must not throw an arrived answer away."""
+    import asyncio
+    import json as _json
+
+    from firmware_sim.mqtt_client import DeviceMQTT
+    from gateway.mqtt import Message
+
+    device = DeviceMQTT("mqtt://127.0.0.1:1", "sim-x")   # never connected: only the dispatch is tested
+    future = device.expect("r1")
+    reader = asyncio.create_task(device._read())
+    try:
+        device.link.messages.put_nowait(Message("iomt/v1/dev/sim-x/resp/simpleenroll",
+                                                _json.dumps({"id": "r1", "status": "ok"}).encode()))
+        await asyncio.wait_for(asyncio.shield(future), 2)
+        again = device.expect("r1")
+        assert again is future and again.result() == {"id": "r1", "status": "ok"}
+    finally:
+        reader.cancel()
