@@ -89,11 +89,12 @@ def openssl_baseline(home: Path, serials: list[int], bodies: list[bytes], work: 
     bodies_file = work / "requests.b64"
     bodies_file.write_text("\n".join(base64.b64encode(b).decode() for b in bodies))
     port = 18888
-    script = (f"ip link set lo up && openssl ocsp -index {index} -port {port} -rsigner {home / 'ocsp.pem'} "
+    # `ip` first on its own, so that $! below is openssl itself and `kill` stops it
+    script = (f"ip link set lo up || exit 1; openssl ocsp -index {index} -port {port} -rsigner {home / 'ocsp.pem'} "
               f"-rkey {key_file} -CA {home / 'issuing.pem'} -nmin 60 >{work / 'openssl.log'} 2>&1 & "
               f"pid=$!; for i in $(seq 200); do grep -q 'waiting for OCSP' {work / 'openssl.log'} && break; "
               f"sleep 0.05; done; {sys.executable} -m bench.ocsp_figure --client http://127.0.0.1:{port}/ {bodies_file} "
-              f"{seconds}; kill $pid")
+              f"{seconds}; status=$?; kill $pid; wait $pid 2>/dev/null; exit $status")
     out = subprocess.run(["unshare", "--net", "--", "bash", "-c", script], capture_output=True, text=True,
                          timeout=seconds + 60)
     match = re.search(r"rate=([0-9.]+)", out.stdout)

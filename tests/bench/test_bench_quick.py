@@ -22,3 +22,6 @@ def test_quick_bench_writes_results_and_table(tmp_path):
     assert "| # | figure | ours | baseline | ratio |" in table
     assert all(f"| {n} |" in table for n in numbers)
     assert set(report["not_measured"]) == {"2", "3", "6", "7", "8"}
+    # every process the harness started is gone (openssl's responder runs in its own namespace)
+    leftover = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "iomtca-bench-" not in leftover, leftover
