@@ -6,7 +6,7 @@ certificate is a new entry here, not new code in `issuance.py`.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
@@ -35,9 +35,6 @@ class Profile:
     ocsp_nocheck: bool = False
     # CRL distribution point and AIA (OCSP, caIssuers) pointing at our responder.
     revocation_info: bool = True
-
-    def with_lifetime(self, lifetime: timedelta) -> "Profile":
-        return replace(self, lifetime=lifetime)
 
 
 DEVICE = Profile(

@@ -46,7 +46,6 @@ class GatewayService:
         self._on_issued = on_issued  # async callback(serial): e.g. publish its OCSP response at once
         self.ca_reachable = True
         self._draining = False       # a backlog from an outage: forward it one at a time, in order
-        self.stats = {"requests": 0, "answered": 0, "queued": 0, "bad": 0}
 
     # -- intake -----------------------------------------------------------------
     async def run_intake(self) -> None:
@@ -71,11 +70,9 @@ class GatewayService:
             await self._report(parsed.device_id, parsed.kind, message.payload)
 
     async def _request(self, device_id: str, op: str, payload: bytes) -> None:
-        self.stats["requests"] += 1
         try:
             request = codec.parse_request(device_id, op, payload)
         except BadRequestError as exc:
-            self.stats["bad"] += 1
             req_id = codec.read_id(payload)
             if req_id is None:
                 log.info("unanswerable request device=%s op=%s: %s", device_id, op[:32], exc)
@@ -206,7 +203,6 @@ class GatewayService:
             self.ca_reachable = True
         payload = codec.encode(answer)
         await self._db.answer(entry.seq, payload, self._clock(), serial=serial)   # stored before it is sent
-        self.stats["answered"] += 1
         self._told_queued.discard((entry.device_id, request.id))
         await self._link.publish(self.topics.response(entry.device_id, entry.op), payload, wait=False)
         if serial is not None and self._on_issued is not None:
@@ -229,7 +225,6 @@ class GatewayService:
         if (device_id, req_id) in self._told_queued:
             return
         self._told_queued.add((device_id, req_id))
-        self.stats["queued"] += 1
         await self._publish(device_id, op, codec.queued(req_id))
 
     async def _publish(self, device_id: str, op: str, answer: dict) -> None:

@@ -9,126 +9,26 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
-import signal
 import socket
 import sqlite3
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
+
+from tests import procs
+from tests.procs import PROCESSES, Proc, free_port, wait_until  # noqa: F401 (used by the tests too)
 
 BIN = Path(sys.executable).parent
 IOMTCA = str(BIN / "iomtca")
 MODELS = ("infusion-pump", "patient-monitor", "ventilator", "imaging-ct", "home-monitor")
 
-# every process started by these fixtures (for failure reports and the last-resort clean-up)
-PROCESSES: list["Proc"] = []
-
-
-def env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if k not in ("IOMTCA_PASSPHRASE", "IOMTCA_HOME")}
-    e["LC_ALL"] = "C"
-    return e
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(argv, *, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
-    argv = [str(a) for a in argv]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env())
-    if check and proc.returncode != 0:
-        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(argv)}\n"
-                             f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
-    return proc
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
-
-
-class Proc:
-    """A long-running subprocess: stdout read line by line (for its ready line), stderr to a file."""
-
-    def __init__(self, name: str, argv: list, log_dir: Path) -> None:
-        self.name = name
-        self.argv = [str(a) for a in argv]
-        self.log_dir = log_dir
-        self.popen: subprocess.Popen | None = None
-        self.stderr_path = log_dir / f"{name}.stderr.log"
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.stdout: list[str] = []
-
-    def start(self, ready: re.Pattern | None = None, timeout: float = 30) -> re.Match | None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.stderr_path, "ab") as err:
-            self.popen = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=err, env=env(),
-                                          cwd=self.log_dir, start_new_session=True)
-        PROCESSES.append(self)
-        threading.Thread(target=self._pump, args=(self.popen,), daemon=True).start()
-        if ready is None:
-            return None
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=0.1)
-            except queue.Empty:
-                line = None
-            if line is not None and (match := ready.search(line)):
-                return match
-            if self.popen.poll() is not None and self.lines.empty():
-                raise AssertionError(f"{self.name} exited ({self.popen.returncode}) before it was ready:\n"
-                                     f"{self.stderr_tail()}")
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"{self.name} not ready within {timeout}s:\n{self.stderr_tail()}")
-
-    def _pump(self, popen: subprocess.Popen) -> None:
-        for raw in popen.stdout:
-            text = raw.decode(errors="replace").rstrip("\n")
-            self.stdout.append(text)
-            self.lines.put(text)
-
-    @property
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            raise AssertionError(f"{self.name} did not finish within {timeout:.0f}s:\n{self.stderr_tail()}")
-
-    def stop(self, grace: float = 5) -> None:
-        if not self.alive:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(10)
-
-    def stderr_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace")[-chars:]
-        except FileNotFoundError:
-            return ""
+    return procs.run(argv, timeout=timeout, check=check, text=True)
 
 
 SERVE_READY = re.compile(r"iomtca serve: listening est=(https://127\.0\.0\.1:\d+) ocsp=(http://\S+)")
@@ -322,7 +222,4 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if not report.failed:
         return
-    start = item.stash.get(_PROC_START, 0)
-    for index, proc in enumerate(PROCESSES):
-        if index >= start or proc.alive:
-            report.sections.append((f"{proc.name} stderr ({proc.stderr_path})", proc.stderr_tail()))
+    report.sections.extend(procs.failure_sections(item.stash.get(_PROC_START, 0)))

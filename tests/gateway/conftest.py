@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.gateway import gwkit
+from tests.procs import failure_sections
 from tests.gateway.gwkit import Broker, CAServer, Device, Gateway
 
 _PROC_START = pytest.StashKey[int]()
@@ -133,9 +134,4 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if not report.failed:
         return
-    start = item.stash.get(_PROC_START, 0)
-    seen = set()
-    for index, proc in enumerate(gwkit.PROCESSES):
-        if (index >= start or proc.alive) and proc.stderr_path not in seen:
-            seen.add(proc.stderr_path)
-            report.sections.append((f"{proc.name} stderr ({proc.stderr_path})", proc.stderr_tail()))
+    report.sections.extend(failure_sections(item.stash.get(_PROC_START, 0)))

@@ -11,9 +11,7 @@ import base64
 import contextlib
 import json
 import os
-import queue
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -26,136 +24,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp as x509_ocsp
 
+from tests.procs import PROCESSES, Proc, env, free_port, run, wait_until  # noqa: F401 (re-exported)
+
 BIN = Path(sys.executable).parent
 IOMTCA = str(BIN / "iomtca")
 ROOT = "iomt/v1"
-UNSET_ENV = ("IOMTCA_PASSPHRASE", "IOMTCA_HOME")
-
 # Everything started by these helpers, for the failure report and the final clean-up.
-PROCESSES: list["Proc"] = []
 SUBSCRIBERS: list["Sub"] = []
-
-
-def env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if k not in UNSET_ENV}
-    e["LC_ALL"] = "C"
-    return e
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(argv, *, timeout: float = 30, check: bool = True, input: bytes | None = None,
-        cwd: Path | None = None) -> subprocess.CompletedProcess:
-    argv = [str(a) for a in argv]
-    proc = subprocess.run(argv, capture_output=True, timeout=timeout, env=env(), input=input, cwd=cwd)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(argv)}\n"
-                             f"--- stdout\n{proc.stdout.decode(errors='replace')}\n"
-                             f"--- stderr\n{proc.stderr.decode(errors='replace')}")
-    return proc
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
-
-
-# -- processes ---------------------------------------------------------------------------
-class Proc:
-    """A long-running subprocess: stdout read line by line (for its ready line), stderr to a file."""
-
-    def __init__(self, name: str, argv: list, log_dir: Path) -> None:
-        self.name = name
-        self.argv = [str(a) for a in argv]
-        self.log_dir = log_dir
-        self.popen: subprocess.Popen | None = None
-        self.stderr_path: Path | None = None
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.stdout_text: list[str] = []
-        self.starts = 0
-
-    def start(self, ready: re.Pattern | None = None, timeout: float = 20) -> re.Match | None:
-        assert self.popen is None or self.popen.poll() is not None, f"{self.name} is already running"
-        self.starts += 1
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.stderr_path = self.log_dir / f"{self.name}-{self.starts}.stderr.log"
-        err = open(self.stderr_path, "wb")
-        self.lines = queue.Queue()
-        self.popen = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=err, env=env(),
-                                      cwd=self.log_dir, start_new_session=True)
-        err.close()
-        PROCESSES.append(self)
-        threading.Thread(target=self._pump, args=(self.popen, self.lines), daemon=True).start()
-        if ready is None:
-            return None
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.01, min(0.2, deadline - time.monotonic())))
-            except queue.Empty:
-                line = None
-            if line is not None:
-                match = ready.search(line)
-                if match:
-                    return match
-            if self.popen.poll() is not None and self.lines.empty():
-                raise AssertionError(f"{self.name} exited ({self.popen.returncode}) before it was ready:\n"
-                                     f"{self.stderr_tail()}")
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"{self.name} not ready within {timeout}s:\n{self.stderr_tail()}")
-
-    def _pump(self, popen: subprocess.Popen, lines: queue.Queue) -> None:
-        for raw in popen.stdout:
-            text = raw.decode(errors="replace").rstrip("\n")
-            self.stdout_text.append(text)
-            lines.put(text)
-
-    @property
-    def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def stop(self, grace: float = 5) -> float:
-        """SIGTERM, then SIGKILL after `grace` seconds; returns how long the process took to exit."""
-        if not self.alive:
-            return 0.0
-        started = time.monotonic()
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(10)
-        return time.monotonic() - started
-
-    def kill(self) -> None:
-        if self.alive:
-            self.popen.kill()
-            self.popen.wait(10)
-
-    def stderr_text(self) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace") if self.stderr_path else ""
-        except FileNotFoundError:
-            return ""
-
-    def stderr_tail(self, chars: int = 6000) -> str:
-        text = self.stderr_text()
-        return text[-chars:]
 
 
 class Broker:
