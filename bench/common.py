@@ -25,6 +25,8 @@ class Figure:
     met: bool | None
     command: str
     notes: str = ""
+    # when the bar is missed: where the time goes (from a profile) and what would move it
+    miss: str = ""
     runs: dict = field(default_factory=dict)
 
     @property

@@ -15,6 +15,8 @@ from ca.authority import Authority
 from .common import Figure, init_ca, median_of
 from .seed import seed
 
+NUMBERS = (5,)
+
 
 def naive(issuer: x509.Certificate, key, serials: list[int]) -> float:
     now = datetime.now(timezone.utc)

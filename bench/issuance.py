@@ -14,6 +14,8 @@ from ca.timefmt import utc_now
 
 from .common import Figure, amedian_of, init_ca, make_csr
 
+NUMBERS = (1,)
+
 
 async def measure(home: Path, n: int, runs: int) -> Figure:
     csrs = [make_csr() for _ in range(n)]

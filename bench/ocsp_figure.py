@@ -22,6 +22,7 @@ from ca.keystore import load_private_key_pem
 from .common import Figure, Server, env_passphrase, init_ca
 from .seed import seed
 
+NUMBERS = (4,)
 CLIENTS = 8
 
 
