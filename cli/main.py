@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="run the EST server and the OCSP/CRL responder")
     p.add_argument("--listen", metavar="HOST:PORT", help="HTTPS listener (EST, RA API); default 127.0.0.1:8443")
     p.add_argument("--http-listen", metavar="HOST:PORT", help="plain-HTTP OCSP/CRL listener; default 127.0.0.1:8080")
+    p.add_argument("--workers", metavar="N", type=_workers_arg,
+                   help='worker processes sharing both listeners, or "auto" for one per CPU; default 1 '
+                        "([enroll] workers)")
     p.set_defaults(func=serve_cmd, log_level=logging.INFO)
 
     p = sub.add_parser("gateway", parents=[common], help="run the MQTT gateway (a registration authority)")
@@ -73,10 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _workers_arg(text: str) -> int:
+    from enroll.config import parse_workers
+    try:
+        return parse_workers(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 async def serve_cmd(args) -> int:
     from enroll.server import serve
-    await serve(args.dir, listen=args.listen, http_listen=args.http_listen)
-    return 0
+    return await serve(args.dir, listen=args.listen, http_listen=args.http_listen, workers=args.workers)
 
 
 async def gateway_cmd(args) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -13,7 +14,8 @@ from ca.errors import BadRequestError, ConfigError
 from ca.timefmt import parse_duration
 
 _KEYS = {"listen", "http_listen", "max_body", "labels", "channel_binding", "idevid", "trusted_proxies",
-         "proxy_cert_header", "source_failures", "ocsp_cache_size", "status_poll"}
+         "proxy_cert_header", "source_failures", "ocsp_cache_size", "status_poll", "workers"}
+MAX_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class EnrollConfig:
     source_failures: int = 20
     ocsp_cache_size: int = 50_000
     status_poll: timedelta = timedelta(milliseconds=250)
+    # Server processes sharing the listening sockets (`iomtca serve --workers`); see docs/EST.md.
+    workers: int = 1
 
     def idevid_trust_files(self) -> list[x509.Certificate]:
         return [c for issuer in self.idevid for c in issuer.certificates]
@@ -52,6 +56,19 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not host:
         raise ConfigError(f"listen address {text!r} must be HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def parse_workers(value) -> int:
+    """A worker count: 1..MAX_WORKERS, or "auto" for one per CPU."""
+    if value == "auto":
+        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = 0
+    if isinstance(value, bool) or not 1 <= count <= MAX_WORKERS or str(count) != str(value).strip():
+        raise ConfigError(f'workers must be a whole number from 1 to {MAX_WORKERS} or "auto", not {value!r}')
+    return count
 
 
 def load_enroll_config(paths: CAPaths) -> EnrollConfig:
@@ -84,7 +101,8 @@ def load_enroll_config(paths: CAPaths) -> EnrollConfig:
         channel_binding=frozenset(raw.get("channel_binding", [])), idevid=tuple(idevid),
         trusted_proxies=proxies, proxy_cert_header=raw.get("proxy_cert_header", d.proxy_cert_header),
         source_failures=int(raw.get("source_failures", d.source_failures)),
-        ocsp_cache_size=int(raw.get("ocsp_cache_size", d.ocsp_cache_size)), status_poll=poll)
+        ocsp_cache_size=int(raw.get("ocsp_cache_size", d.ocsp_cache_size)), status_poll=poll,
+        workers=parse_workers(raw.get("workers", d.workers)))
     parse_listen(cfg.listen)
     parse_listen(cfg.http_listen)
     return cfg

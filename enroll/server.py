@@ -1,11 +1,24 @@
-"""`iomtca serve`: run the HTTPS (EST, RA API) and plain-HTTP (OCSP, CRL) listeners until signalled."""
+"""`iomtca serve`: run the HTTPS (EST, RA API) and plain-HTTP (OCSP, CRL) listeners until signalled.
+
+With `--workers N` (or `[enroll] workers`) above 1, this process becomes a supervisor: it reads
+the CA passphrase once, runs the database migrations and rotates the OCSP responder if due, binds
+both listening sockets itself and starts N worker processes (`python -m enroll.server --worker`)
+that inherit those sockets (pass_fds) and get the passphrase on a pipe. Each worker runs the same
+aiohttp applications on the shared sockets. See docs/EST.md "Several worker processes".
+"""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import ctypes
+import fcntl
 import logging
 import multiprocessing
+import os
 import signal
+import socket
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -13,50 +26,132 @@ from pathlib import Path
 from aiohttp import web
 
 from ca.authority import Authority
+from ca.config import CAPaths, load_config
+from ca.errors import CAError, ConfigError
+from ca.keystore import read_passphrase
 
 from .app import create_app, create_responder_app
 from .channel_binding import exporter_available
-from .config import load_enroll_config, parse_listen
+from .config import EnrollConfig, load_enroll_config, parse_listen
 from .publication import Publisher
 from .tls import server_context
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("enroll.server")  # also when run as __main__ (a worker)
+
+# How long workers get to start (import, open the database, load keys) and to stop.
+WORKER_START_TIMEOUT = 60.0
+WORKER_STOP_TIMEOUT = 10.0
+READY = "ready"
 
 
-async def serve(home: Path, *, listen: str | None = None, http_listen: str | None = None) -> None:
-    authority = await Authority.open(home)
-    config = load_enroll_config(authority.paths)
-    config = replace(config, listen=listen or config.listen, http_listen=http_listen or config.http_listen)
+async def serve(home: Path, *, listen: str | None = None, http_listen: str | None = None,
+                workers: int | None = None) -> int:
+    """Run until SIGTERM/SIGINT. Returns the exit status (non-zero when a worker died)."""
+    paths = CAPaths(Path(home))
+    passphrase = read_passphrase(load_config(paths).passphrase_file)  # the one read of the passphrase
+    config = load_enroll_config(paths)
+    config = replace(config, listen=listen or config.listen, http_listen=http_listen or config.http_listen,
+                     workers=workers or config.workers)
+    # Opening the authority runs the migrations; the responder is rotated now if due (not on a
+    # first request, and not by N workers at once).
+    authority = await Authority.open(home, passphrase=passphrase)
+    try:
+        await authority.responder()
+        est_socks = bind(config.listen)
+        http_socks = bind(config.http_listen)
+    except BaseException:
+        await authority.close()
+        raise
+    urls = _url("https", est_socks[0]), _url("http", http_socks[0])
+    if config.workers == 1:
+        await run_worker(authority, config, est_socks, http_socks, index=0, duties=True,
+                         ready=lambda: _print_listening(*urls))
+        return 0
+    await authority.close()
+    try:
+        return await _supervise(Path(home), config, passphrase, est_socks, http_socks, urls)
+    finally:
+        for sock in est_socks + http_socks:
+            sock.close()
+
+
+def bind(address: str) -> list[socket.socket]:
+    """Listening sockets for HOST:PORT (one per address the host resolves to, as asyncio does)."""
+    host, port = parse_listen(address)
+    socks: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, type_, proto, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                   flags=socket.AI_PASSIVE):
+            if (family, sockaddr[:2]) in seen:
+                continue
+            seen.add((family, sockaddr[:2]))
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+            sock.listen(1024)
+            sock.set_inheritable(True)
+            if port == 0:  # the OS picked a port: the other addresses of this host take the same one
+                port = sock.getsockname()[1]
+    except socket.gaierror as exc:
+        raise ConfigError(f"listen address {address!r}: {exc}") from None
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _url(scheme: str, sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def _print_listening(est_url: str, ocsp_url: str) -> None:
+    # one machine-readable line: tests and scripts wait for it instead of sleeping
+    print(f"iomtca serve: listening est={est_url} ocsp={ocsp_url}", flush=True)
+
+
+# -- one worker: the aiohttp applications on (possibly shared) listening sockets -------------------
+
+async def run_worker(authority: Authority, config: EnrollConfig, est_socks: list[socket.socket],
+                     http_socks: list[socket.socket], *, index: int, duties: bool, ready) -> None:
+    """Serve until signalled. `duties`: this worker also runs the once-per-server background tasks."""
+    _serialise_responder_rotation(authority)
     publisher = Publisher(authority, cache_size=config.ocsp_cache_size, poll=config.status_poll)
     await publisher.start()
-    await authority.responder()  # rotate the OCSP responder now if due, not on a first request
-    if config.channel_binding and not exporter_available():  # self-check now, not on a first request
+    if config.channel_binding and not exporter_available() and duties:  # self-check now, not on a first request
         log.warning("TLS 1.3 channel binding (tls-exporter) is unavailable; profiles %s need TLS 1.2",
                     ", ".join(sorted(config.channel_binding)))
     keygen = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-    follower = asyncio.create_task(publisher.follow(), name="status-follower")
-    attendance = asyncio.create_task(_attendance(authority), name="attendance")
+    tasks = [asyncio.create_task(publisher.follow(), name="status-follower")]
+    if duties:  # once per server, not once per worker
+        tasks.append(asyncio.create_task(_attendance(authority), name="attendance"))
     runners = []
     try:
         ssl_ctx = server_context(authority.paths, config, authority.key_passphrase)
-        for app, address, ctx in (
-            (create_app(authority, config, publisher, keygen), config.listen, ssl_ctx),
-            (create_responder_app(authority, config, publisher), config.http_listen, None),
+        for app, socks, ctx in (
+            (create_app(authority, config, publisher, keygen), est_socks, ssl_ctx),
+            (create_responder_app(authority, config, publisher), http_socks, None),
         ):
             # shutdown_timeout: long polls from the gateway must not hold up a stop for their 25 s
             runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0,
                                    access_log=log if log.isEnabledFor(logging.DEBUG) else None)
             await runner.setup()
-            host, port = parse_listen(address)
-            await web.TCPSite(runner, host, port, ssl_context=ctx, backlog=1024).start()
             runners.append(runner)
-        est_url = _url("https", runners[0])
-        ocsp_url = _url("http", runners[1])
-        # one machine-readable line: tests and scripts wait for it instead of sleeping
-        print(f"iomtca serve: listening est={est_url} ocsp={ocsp_url}", flush=True)
+            for sock in socks:
+                await SharedSocketSite(runner, sock, ssl_context=ctx).start()
+        log.info("worker %d (pid %d) serving", index, os.getpid())
+        ready()
         await _until_signalled()
     finally:
-        for task in (follower, attendance):
+        for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -64,6 +159,99 @@ async def serve(home: Path, *, listen: str | None = None, http_listen: str | Non
             await runner.cleanup()
         keygen.shutdown(cancel_futures=True)
         await authority.close()
+
+
+class SharedSocketSite(web.SockSite):
+    """An aiohttp site on a listening socket that other worker processes accept on too.
+
+    asyncio's own server accepts every queued connection on each wake-up, so with several
+    workers on one socket, whichever wakes first takes a whole burst (8 keep-alive clients could
+    all land on one worker). This site accepts one connection per wake-up: a busy worker comes
+    back to the socket later, and an idle one takes the next connection.
+    """
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)   # registers the site with its runner
+        self._server = _Acceptor(self._sock, self._runner.server, self._ssl_context)
+
+
+class _Acceptor:
+    def __init__(self, sock: socket.socket, factory, ssl_context) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sock = sock
+        self._factory = factory
+        self._ssl = ssl_context
+        self._tasks: set[asyncio.Task] = set()
+        self.sockets = (sock,)
+        sock.setblocking(False)
+        self._loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return   # another worker took it
+        except OSError as exc:   # out of file descriptors and the like: stop accepting for a second
+            log.warning("accept failed (%s); pausing for 1 s", exc)
+            self._loop.remove_reader(self._sock.fileno())
+            self._loop.call_later(1.0, self._resume)
+            return
+        conn.setblocking(False)
+        task = self._loop.create_task(self._connect(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _resume(self) -> None:
+        if self._sock.fileno() >= 0:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn, ssl=self._ssl)
+        except Exception as exc:   # failed TLS handshakes: the client's problem, as in asyncio's server
+            log.debug("connection dropped before a request: %s", exc)
+            conn.close()
+
+    def close(self) -> None:
+        if self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()   # this process's descriptor; other workers keep theirs
+        for task in self._tasks:
+            task.cancel()
+
+
+def _serialise_responder_rotation(authority: Authority) -> None:
+    """Rotate the OCSP responder at most once across every process serving this CA directory.
+
+    `Authority.responder()` loads the responder from disk and rotates it only if the one on disk
+    is due; with several workers, each would find it due at the same moment and issue its own.
+    Calls go through an asyncio lock and an exclusive lock on a file beside the responder key, so
+    the first rotates and the others load what it wrote.
+    """
+    original = authority.responder
+    lock = asyncio.Lock()
+    lock_path = authority.paths.ocsp_signer.with_name("ocsp-rotation.lock")
+    current = None
+
+    def file_lock() -> int:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    async def responder():
+        nonlocal current
+        if current is not None and not current.needs_rotation(authority.now()):
+            return current
+        async with lock:
+            if current is None or current.needs_rotation(authority.now()):
+                fd = await asyncio.to_thread(file_lock)
+                try:
+                    current = await original()
+                finally:
+                    os.close(fd)   # releases the lock
+        return current
+
+    authority.responder = responder
 
 
 async def _attendance(authority: Authority) -> None:
@@ -76,11 +264,6 @@ async def _attendance(authority: Authority) -> None:
             log.exception("attendance check failed; retrying next period")
 
 
-def _url(scheme: str, runner: web.AppRunner) -> str:
-    host, port = runner.addresses[0][:2]
-    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
-
-
 async def _until_signalled() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -88,3 +271,145 @@ async def _until_signalled() -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping")
+
+
+# -- the supervisor of several workers ------------------------------------------------------------
+
+async def _supervise(home: Path, config: EnrollConfig, passphrase: bytes, est_socks: list[socket.socket],
+                     http_socks: list[socket.socket], urls: tuple[str, str]) -> int:
+    """Start the workers, print the listening line once all are up, stop them all on a signal.
+    A worker that dies takes the server down with a non-zero status (no restart: see docs/EST.md)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    fds = [s.fileno() for s in est_socks + http_socks]
+    argv_tail = ["--dir", str(home), "--est-fds", ",".join(str(s.fileno()) for s in est_socks),
+                 "--http-fds", ",".join(str(s.fileno()) for s in http_socks),
+                 "--log-level", str(logging.getLogger().getEffectiveLevel())]
+    workers: list[asyncio.subprocess.Process] = []
+    try:
+        for index in range(config.workers):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "enroll.server", "--worker", str(index), *argv_tail,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=fds)
+            workers.append(proc)
+            proc.stdin.write(passphrase + b"\n")
+            await proc.stdin.drain()
+            proc.stdin.close()
+        await _wait_ready(workers, stop)
+        if stop.is_set():
+            return 0
+        _print_listening(*urls)
+        exits = {asyncio.create_task(p.wait()): (i, p) for i, p in enumerate(workers)}
+        stopping = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        for task in done:
+            if task in exits:
+                index, proc = exits[task]
+                log.error("worker %d (pid %d) exited with status %s; stopping the server", index, proc.pid,
+                          proc.returncode)
+                print(f"iomtca serve: worker {index} (pid {proc.pid}) exited with status {proc.returncode}",
+                      file=sys.stderr, flush=True)
+                return 1
+        log.info("stopping %d workers", len(workers))
+        return 0
+    finally:
+        await _stop_workers(workers)
+
+
+async def _wait_ready(workers: list[asyncio.subprocess.Process], stop: asyncio.Event) -> None:
+    async def one(index: int, proc: asyncio.subprocess.Process) -> None:
+        line = await proc.stdout.readline()
+        if line.decode(errors="replace").strip() != READY:
+            await proc.wait()
+            raise ConfigError(f"worker {index} exited with status {proc.returncode} before it was ready "
+                              "(its log is above)")
+
+    ready = asyncio.gather(*(one(i, p) for i, p in enumerate(workers)))
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait([ready, stopping], timeout=WORKER_START_TIMEOUT,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if ready in done:
+            ready.result()
+        elif not done:
+            raise ConfigError(f"workers not ready within {WORKER_START_TIMEOUT:.0f} s")
+    finally:
+        stopping.cancel()
+        if not ready.done():
+            ready.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await ready
+
+
+async def _stop_workers(workers: list[asyncio.subprocess.Process]) -> None:
+    for proc in workers:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+    for proc in workers:
+        try:
+            await asyncio.wait_for(proc.wait(), WORKER_STOP_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.error("worker pid %d did not stop within %.0f s; killing it", proc.pid, WORKER_STOP_TIMEOUT)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+# -- worker process entry point -------------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker if the supervisor dies without stopping it (no orphans)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+async def _worker_main(args: argparse.Namespace, passphrase: bytes) -> None:
+    paths = CAPaths(args.dir)
+    config = load_enroll_config(paths)
+    socks = [[socket.socket(fileno=int(fd)) for fd in group.split(",") if fd] for group in (args.est_fds,
+                                                                                            args.http_fds)]
+    authority = await Authority.open(args.dir, passphrase=passphrase)
+
+    def ready() -> None:
+        print(READY, flush=True)
+
+    await run_worker(authority, config, socks[0], socks[1], index=args.worker, duties=args.worker == 0,
+                     ready=ready)
+
+
+def worker_entry(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="enroll.server", description="one worker of `iomtca serve --workers N`")
+    parser.add_argument("--worker", type=int, required=True)
+    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--est-fds", required=True)
+    parser.add_argument("--http-fds", required=True)
+    parser.add_argument("--log-level", type=int, default=logging.INFO)
+    args = parser.parse_args(argv)
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:
+        return 1
+    passphrase = sys.stdin.buffer.readline().rstrip(b"\n")
+    sys.stdin.close()
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s worker-{args.worker} %(name)s %(message)s")
+    try:
+        asyncio.run(_worker_main(args, passphrase))
+    except KeyboardInterrupt:
+        return 0
+    except (CAError, OSError) as exc:
+        print(f"iomtca serve: worker {args.worker}: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except Exception:
+        log.exception("worker %d failed", args.worker)
+        return 70
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_entry())
