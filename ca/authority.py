@@ -26,7 +26,7 @@ from .credentials import (CertificateAuth, Credential, IDevIDAuth, OperatorAuth,
                           actor, operator)
 from .errors import (BadRequestError, CAError, NotFoundError, PendingApprovalError, PolicyViolationError,
                      UnauthorizedError, UnknownDeviceError)
-from .issuance import IssuerContext, build_certificate, issue_device_certificate, new_serial
+from .issuance import IssuerContext, build_certificate, issue_device_certificate, new_serial, proven_key
 from .keystore import load_cert, load_private_key, read_passphrase
 from .model import (AuditEvent, CertRecord, CertStatus, Device, DeviceStatus, Issued, RevocationReason,
                     serial_hex)
@@ -116,6 +116,8 @@ class Authority:
         try:
             if isinstance(credential, TokenAuth):
                 self.token_failures.check(device_id)
+            # outside the write lock: other issuances commit meanwhile
+            key = proven_key(csr)
             async with self.store.write() as tx:
                 if (earlier := await self._earlier_result(tx, device_id, request_id)) is not None:
                     return earlier
@@ -128,7 +130,7 @@ class Authority:
                     self._check_idevid(device, credential)
                 if not isinstance(credential, OperatorAuth):
                     await self._approval(tx, device, now, who)
-                issued = await self._issue(tx, csr, device, profile, now, who, "certificate_issued")
+                issued = await self._issue(tx, csr, device, profile, now, who, "certificate_issued", key=key)
                 if request_id is not None:
                     await tx.record_request_result(device_id, request_id, issued.serial, now)
                 if token is not None:
@@ -180,6 +182,7 @@ class Authority:
         try:
             if isinstance(credential, SignedRequestAuth):
                 policy.signed_recently(credential.signing_time, now)
+            key = proven_key(csr)  # outside the write lock: other issuances commit meanwhile
             async with self.store.write() as tx:
                 if device_id and (earlier := await self._earlier_result(tx, device_id, request_id)) is not None:
                     return earlier
@@ -198,7 +201,7 @@ class Authority:
                 policy.device_active(device)
                 policy.posture_ok(device, self.config.min_firmware_for(device))
                 issued = await self._issue(tx, csr, device, record.profile, now, who, "certificate_renewed",
-                                           renews=record.serial)
+                                           renews=record.serial, key=key)
                 if request_id is not None:
                     await tx.record_request_result(device_id, request_id, issued.serial, now)
         except CAError as exc:
@@ -267,17 +270,23 @@ class Authority:
                 await tx.append_audit(AuditEvent("enroll_pending_approval", who, device_id=device_id), now)
 
     async def _issue(self, tx: Tx, csr: x509.CertificateSigningRequest, device: Device, profile: str,
-                     now: datetime, who: str, action: str, renews: int | None = None) -> Issued:
+                     now: datetime, who: str, action: str, renews: int | None = None, key=None) -> Issued:
         prof = self.config.profile(profile)
         serial = await self._fresh_serial(tx)
-        # Signing runs in a thread (cryptography releases the GIL): an RSA CA key must not stall the loop.
-        cert = await asyncio.to_thread(
+        cert = await self._signing(
             issue_device_certificate, csr, device, prof, self.issuer, trust_domain=self.config.trust_domain,
-            serial=serial, now=now, lifetime=self.config.device_lifetime(device, prof.name))
+            serial=serial, now=now, lifetime=self.config.device_lifetime(device, prof.name), checked_key=key)
         await self._persist(tx, cert, device.id, prof.name, now, who, action,
                             extra={"renews": serial_hex(renews)} if renews else None)
         log.info("%s device=%s serial=%s profile=%s", action, device.id, serial_hex(serial), prof.name)
         return Issued(cert, self.issuer.chain, device.id, prof.name)
+
+    async def _signing(self, fn, *args, **kwargs):
+        """Run a build-and-sign: in a thread for a slow (RSA) CA key, which must not stall the loop;
+        inline otherwise, where the hop to a thread would cost more than the signature."""
+        if self.issuer.signer.slow:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
 
     async def _persist(self, tx: Tx, cert: x509.Certificate, device_id: str | None, profile: str,
                        now: datetime, actor: str, action: str, extra: dict | None = None) -> None:
@@ -303,8 +312,8 @@ class Authority:
         prof = self.config.profile(profile)
         async with self.store.write() as tx:
             serial = await self._fresh_serial(tx)
-            cert = await asyncio.to_thread(build_certificate, public_key=public_key, subject=subject, sans=sans,
-                                           profile=prof, issuer=self.issuer, serial=serial, now=now)
+            cert = await self._signing(build_certificate, public_key=public_key, subject=subject, sans=sans,
+                                       profile=prof, issuer=self.issuer, serial=serial, now=now)
             await self._persist(tx, cert, None, prof.name, now, actor, "certificate_issued")
         log.info("issued service certificate profile=%s serial=%s", prof.name, serial_hex(serial))
         return Issued(cert, self.issuer.chain, None, prof.name)
@@ -450,7 +459,9 @@ class Authority:
         now = self._clock()
         async with self.store.write() as tx:
             number = await tx.next_crl_number()
-            entries = await tx.active_revocations(now)
+        # read after the number is taken: a higher number never lists an older state
+        async with self.store.read() as tx:
+            entries = await tx.crl_entries(now)
         return await asyncio.to_thread(
             crl_mod.build_crl, issuer_cert=self.issuer.certificate, signer=self.issuer.signer, entries=entries,
             number=number, this_update=now, next_update=now + self.config.crl_next_update)

@@ -6,6 +6,7 @@ linear. Only the handful of ASN.1 types a CRL needs are here.
 """
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timezone
 
 
@@ -54,6 +55,7 @@ def explicit(tag_number: int, content: bytes) -> bytes:
     return tlv(0xA0 | tag_number, content)
 
 
+@functools.lru_cache(maxsize=512)
 def oid(dotted: str) -> bytes:
     arcs = [int(a) for a in dotted.split(".")]
     if len(arcs) < 2 or arcs[0] > 2 or (arcs[0] < 2 and arcs[1] > 39):

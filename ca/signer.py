@@ -62,6 +62,10 @@ class Signer(Protocol):
 
     def sign(self, data: bytes) -> bytes: ...
 
+    @property
+    def slow(self) -> bool:
+        """Signatures take milliseconds (RSA, a remote HSM): sign in a worker thread, not on the loop."""
+
 
 class KeySigner:
     """A signer over a private key held in memory (loaded from an encrypted file)."""
@@ -74,6 +78,11 @@ class KeySigner:
     @property
     def private_key(self):
         return self._key
+
+    @property
+    def slow(self) -> bool:
+        # an EC or Ed25519 signature takes tens of microseconds, less than a hop to a thread
+        return isinstance(self._key, rsa.RSAPrivateKey)
 
     @property
     def hash_algorithm(self):

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import AsyncContextManager, Protocol
 
 from ..audit import AuditRow
-from ..model import AuditEvent, CertRecord, Device, DeviceStatus, Revocation, RevocationReason
+from ..model import AuditEvent, CertRecord, Device, DeviceStatus, RevocationReason
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,9 @@ class Tx(Protocol):
         order, after the page cursor `after`."""
     async def revoke(self, serial: int, reason: RevocationReason, at: datetime) -> None: ...
     async def release(self, serial: int, at: datetime) -> None: ...
-    async def active_revocations(self, not_expired_at: datetime) -> list[Revocation]: ...
+    async def crl_entries(self, not_expired_at: datetime) -> list[bytes]:
+        """The DER revokedCertificates entries (RFC 5280 5.1.2.6) of revocations in force whose
+        certificates have not expired, oldest first."""
     async def next_crl_number(self) -> int: ...
     async def status_changes_after(self, after_id: int, limit: int = 1000) -> list[tuple[int, int]]: ...
     async def last_status_change(self) -> int: ...

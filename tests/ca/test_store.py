@@ -71,3 +71,106 @@ def test_writers_in_several_processes_all_succeed(ca_home):
     assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
     conn = sqlite3.connect(ca_home / "iomtca.db")
     assert conn.execute("SELECT count(*) FROM certificates WHERE profile = 'device'").fetchone()[0] == 60
+
+
+async def _insert_device(tx, device_id: str) -> None:
+    from dataclasses import replace
+
+    from ca.registry import new_device
+    from tests.conftest import T0
+    await tx.insert_device(replace(new_device(device_id, model="m", owner="o"), created_at=T0))
+
+
+async def test_group_commit_answers_each_writer_only_once_its_rows_are_on_disk(tmp_path):
+    """Concurrent write blocks share commits, yet none returns before its own row is durable:
+    an independent connection sees it the moment the block's caller goes on."""
+    import asyncio
+    path = tmp_path / "x.db"
+    store = await SQLiteStore.open(path)
+    statements: list[str] = []
+    store._writer.set_trace_callback(statements.append)  # white box: count the COMMITs
+    seen_by_other = []
+
+    async def writer(k: int) -> None:
+        async with store.write() as tx:
+            await _insert_device(tx, f"d{k}")
+            await asyncio.sleep(0)  # let the others queue behind this block
+        other = sqlite3.connect(path)
+        seen_by_other.append(other.execute("SELECT count(*) FROM devices WHERE id = ?", (f"d{k}",)).fetchone()[0])
+        other.close()
+
+    try:
+        await asyncio.gather(*(writer(k) for k in range(40)))
+    finally:
+        await store.close()
+    assert seen_by_other == [1] * 40
+    commits = sum(1 for s in statements if s.strip().upper() == "COMMIT")
+    assert 1 <= commits < 40 / 4, f"{commits} commits for 40 concurrent writes: no grouping"
+
+
+async def test_a_failing_block_in_a_group_loses_only_its_own_rows(tmp_path):
+    import asyncio
+    path = tmp_path / "x.db"
+    store = await SQLiteStore.open(path)
+
+    async def writer(k: int) -> None:
+        async with store.write() as tx:
+            await _insert_device(tx, f"d{k}")
+            await asyncio.sleep(0)
+            if k % 5 == 0:
+                raise ValueError(f"block {k} fails")
+
+    try:
+        results = await asyncio.gather(*(writer(k) for k in range(20)), return_exceptions=True)
+    finally:
+        await store.close()
+    assert [k for k, r in enumerate(results) if isinstance(r, ValueError)] == [0, 5, 10, 15]
+    rows = {r[0] for r in sqlite3.connect(path).execute("SELECT id FROM devices")}
+    assert rows == {f"d{k}" for k in range(20) if k % 5}
+
+
+async def test_revocations_recorded_before_migration_5_still_reach_the_crl(tmp_path):
+    """Migration 5 stores each CRL entry when it is recorded; older rows are encoded when read."""
+    from datetime import timedelta
+
+    from ca.crl import encode_entry
+    from ca.model import Revocation, RevocationReason
+    from tests.conftest import T0
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for script in MIGRATIONS[:4]:
+        for statement in filter(str.strip, script.split(";")):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 4")
+    conn.execute("INSERT INTO devices (id, model, owner, created_at) VALUES ('d', 'm', 'o', '2026-11-22T12:00:00Z')")
+    for serial, not_after in ((0x1234, "2026-11-25T12:00:00Z"), (0x5678, "2026-11-20T12:00:00Z")):
+        conn.execute("INSERT INTO certificates (serial, device_id, profile, not_before, not_after, der, status, "
+                     "created_at) VALUES (?, 'd', 'device', '2026-11-19T12:00:00Z', ?, x'00', 'revoked', "
+                     "'2026-11-19T12:00:00Z')", (format(serial, "x"), not_after))
+        conn.execute("INSERT INTO revocations (serial, reason, revoked_at) VALUES (?, 1, '2026-11-21T10:00:00Z')",
+                     (format(serial, "x"),))
+    conn.close()
+    store = await SQLiteStore.open(path)
+    try:
+        async with store.read() as tx:
+            entries = await tx.crl_entries(T0)
+        # a revocation recorded now keeps its entry
+        async with store.write() as tx:
+            await tx.insert_certificate(_record(0x9abc, T0 + timedelta(days=3)))
+            await tx.revoke(0x9abc, RevocationReason.superseded, T0)
+        async with store.read() as tx:
+            after = await tx.crl_entries(T0)
+    finally:
+        await store.close()
+    revoked_at = T0.replace(day=21, hour=10)
+    assert entries == [encode_entry(Revocation(0x1234, RevocationReason.keyCompromise, revoked_at))]  # 0x5678 expired
+    assert after == entries + [encode_entry(Revocation(0x9abc, RevocationReason.superseded, T0))]
+    stored = sqlite3.connect(path).execute("SELECT entry, not_after FROM revocations WHERE serial = '9abc'").fetchone()
+    assert stored == (after[-1], "2026-11-25T12:00:00Z")
+
+
+def _record(serial, not_after):
+    from ca.model import CertRecord
+    from tests.conftest import T0
+    return CertRecord(serial=serial, device_id=None, profile="server", not_before=T0, not_after=not_after,
+                      der=b"\x00", created_at=T0)
