@@ -1,36 +1,72 @@
-"""Figure 1: certificates/s through Authority.enroll (CSR, PoP, policy, build, sign, persist, audit)
-against the raw cryptography build-and-sign of the same certificate in the same process."""
+"""Figure 1: certificates/s through Authority.enroll (CSR proof of possession, policy, build, sign,
+persist, audit, group commit) against cryptography's CertificateBuilder building and signing the
+same certificate in the same process (the raw rate)."""
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.x509.oid import AuthorityInformationAccessOID
+
 from ca import profiles
 from ca.authority import Authority, OperatorAuth
-from ca.issuance import issue_device_certificate, new_serial
+from ca.issuance import BACKDATE, _key_usage, device_names, new_serial
 from ca.registry import new_device
 from ca.timefmt import utc_now
 
-from .common import Figure, amedian_of, init_ca, make_csr
+from .common import Figure, init_ca, make_csr
 
 NUMBERS = (1,)
+
+
+def builder_certificate(*, public_key, subject, sans, profile, issuer, serial, now, signer=None, lifetime=None):
+    """What cryptography's CertificateBuilder makes of `build_certificate`'s inputs: the raw baseline,
+    and the judge tests/ca/test_certificate_encoding.py holds our encoding to, byte for byte."""
+    not_after = now + (lifetime or profile.lifetime)
+    if issuer is not None:
+        signer = issuer.signer
+        not_after = min(not_after, issuer.certificate.not_valid_after_utc)
+        ski = issuer.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+        issuer_name = issuer.certificate.subject
+    else:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key)
+        issuer_name = subject
+    b = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name).public_key(public_key)
+         .serial_number(serial).not_valid_before(now - BACKDATE).not_valid_after(not_after)
+         .add_extension(x509.BasicConstraints(ca=profile.is_ca, path_length=profile.path_length), critical=True)
+         .add_extension(_key_usage(profile.key_usage), critical=True)
+         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+         .add_extension(aki, critical=False))
+    if profile.extended_key_usage:
+        b = b.add_extension(x509.ExtendedKeyUsage(list(profile.extended_key_usage)), critical=False)
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=len(subject) == 0)
+    if profile.ocsp_nocheck:
+        b = b.add_extension(x509.OCSPNoCheck(), critical=False)
+    if profile.revocation_info and issuer is not None:
+        if issuer.crl_url:
+            b = b.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+                [x509.UniformResourceIdentifier(issuer.crl_url)], None, None, None)]), critical=False)
+        access = [x509.AccessDescription(oid, x509.UniformResourceIdentifier(url)) for oid, url in (
+            (AuthorityInformationAccessOID.OCSP, issuer.ocsp_url),
+            (AuthorityInformationAccessOID.CA_ISSUERS, issuer.ca_issuers_url)) if url]
+        if access:
+            b = b.add_extension(x509.AuthorityInformationAccess(access), critical=False)
+    return b.sign(signer.private_key, signer.hash_algorithm)
 
 
 async def measure(home: Path, n: int, runs: int) -> Figure:
     csrs = [make_csr() for _ in range(n)]
     async with await Authority.open(home) as authority:
         await authority.registry.add(new_device("bench-1", model="m", owner="o"), actor="bench")
-        device = await authority.registry.get("bench-1")
+        subject, sans = device_names("bench-1", authority.config.trust_domain)
 
-        async def ours_sequential() -> float:
-            start = time.perf_counter()
-            for csr in csrs:
-                await authority.enroll("bench-1", csr, OperatorAuth("bench"))
-            return n / (time.perf_counter() - start)
-
-        async def ours_concurrent() -> float:
-            gate = asyncio.Semaphore(8)
+        async def ours(concurrency: int) -> float:
+            gate = asyncio.Semaphore(concurrency)
 
             async def one(csr):
                 async with gate:
@@ -42,24 +78,33 @@ async def measure(home: Path, n: int, runs: int) -> Figure:
         async def raw() -> float:
             start = time.perf_counter()
             for csr in csrs:
-                issue_device_certificate(csr, device, profiles.DEVICE, authority.issuer,
-                                         trust_domain=authority.config.trust_domain, serial=new_serial(),
-                                         now=utc_now())
+                builder_certificate(public_key=csr.public_key(), subject=subject, sans=sans,
+                                    profile=profiles.DEVICE, issuer=authority.issuer, serial=new_serial(),
+                                    now=utc_now())
             return n / (time.perf_counter() - start)
 
-        raw_rate, raw_runs = await amedian_of(runs, raw)
-        seq_rate, seq_runs = await amedian_of(runs, ours_sequential)
-        con_rate, con_runs = await amedian_of(runs, ours_concurrent)
-    best = max(seq_rate, con_rate)
+        # interleaved, so that both sides sample the same moments of a shared, noisy machine
+        samples: dict[str, list[float]] = {"raw": [], "1": [], "8": [], "32": []}
+        for _ in range(runs):
+            samples["raw"].append(await raw())
+            for c in (1, 8, 32):
+                samples[str(c)].append(await ours(c))
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    rate, raw_rate = med["8"], med["raw"]
     return Figure(
-        1, "Issuance core (certificates/s)", round(best, 1), round(raw_rate, 1), "certs/s",
-        "raw cryptography build+sign, same process", ">= 0.6 x raw", best / raw_rate >= 0.6,
-        "python -m bench.run --only 1",
-        notes=(f"sequential {seq_rate:.0f}/s, 8-way concurrent {con_rate:.0f}/s (one transaction per "
-               f"certificate, synchronous=FULL); {n} certificates per run, median of {runs}"),
-        runs={"raw": raw_runs, "sequential": seq_runs, "concurrent": con_runs})
+        1, "Issuance core, 8 concurrent callers (certificates/s)", round(rate, 1), round(raw_rate, 1), "certs/s",
+        "cryptography CertificateBuilder build+sign of the same certificate, same process", ">= 0.6 x raw",
+        rate / raw_rate >= 0.6, "python -m bench.run --only 1",
+        notes=(f"sequential {med['1']:.0f}/s, 8 concurrent {rate:.0f}/s, 32 concurrent {med['32']:.0f}/s; "
+               f"each certificate durable (synchronous=FULL, group commit) before enroll returns; "
+               f"{n} certificates per run, median of {runs}"),
+        miss=MISS,
+        runs=samples)
+
+
+MISS = ""
 
 
 def run(work: Path, quick: bool) -> Figure:
     home = init_ca(work / "fig1")
-    return asyncio.run(measure(home, 100 if quick else 500, 3))
+    return asyncio.run(measure(home, 200 if quick else 1000, 3 if quick else 5))

@@ -12,6 +12,8 @@ import sqlite3
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from ca.crl import encode_entry
+from ca.model import Revocation, RevocationReason
 from ca.store.sqlite import MIGRATIONS
 
 
@@ -31,8 +33,10 @@ def seed(db: Path, count: int, revoked: int, der: bytes) -> list[int]:
             "VALUES (?, ?, 'device', ?, ?, ?, ?, ?)",
             ((format(s, "x"), f"bench-{i:06d}", ts(now - timedelta(minutes=5)), ts(now + timedelta(days=3)), der,
               "revoked" if i < revoked else "good", ts(now)) for i, s in enumerate(serials)))
+        # as Tx.revoke stores them: with the encoded CRL entry and the certificate's notAfter
         conn.executemany(
-            "INSERT INTO revocations (serial, reason, revoked_at) VALUES (?, 1, ?)",
-            ((format(s, "x"), ts(now)) for s in serials[:revoked]))
+            "INSERT INTO revocations (serial, reason, revoked_at, entry, not_after) VALUES (?, 1, ?, ?, ?)",
+            ((format(s, "x"), ts(now), encode_entry(Revocation(s, RevocationReason.keyCompromise, now)),
+              ts(now + timedelta(days=3))) for s in serials[:revoked]))
     conn.close()
     return serials

@@ -43,13 +43,16 @@ def build_crl(
     *,
     issuer_cert: x509.Certificate,
     signer: Signer,
-    entries: Iterable[Revocation],
+    entries: Iterable[Revocation | bytes],
     number: int,
     this_update: datetime,
     next_update: datetime,
 ) -> bytes:
-    """A signed v2 CRL in DER with the AKI and CRL number extensions."""
-    revoked = b"".join(encode_entry(e) for e in entries)
+    """A signed v2 CRL in DER with the AKI and CRL number extensions.
+
+    `entries` are revocations, or their entries already encoded by `encode_entry` (as stored).
+    """
+    revoked = b"".join(e if isinstance(e, bytes) else encode_entry(e) for e in entries)
     extensions = der.explicit(0, der.sequence(
         der.extension(OID_AUTHORITY_KEY_IDENTIFIER, authority_key_identifier(issuer_cert).public_bytes()),
         der.extension(OID_CRL_NUMBER, der.integer(number)),
