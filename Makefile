@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# Debian packages whose commands the tests use as independent judges or peers.
-DEB_TOOLS := openssl:openssl mosquitto:mosquitto mosquitto_pub:mosquitto-clients certtool:gnutls-bin ocsptool:gnutls-bin curl:curl
+# Debian packages whose commands the tests use as independent judges or peers, and the peers and
+# load generators the benchmarks measure against (the suite runs `make bench QUICK=1`'s harness).
+DEB_TOOLS := openssl:openssl mosquitto:mosquitto mosquitto_pub:mosquitto-clients certtool:gnutls-bin \
+             ocsptool:gnutls-bin curl:curl cfssl:golang-cfssl wrk:wrk
+BENCH_STAMP := $(VENV)/.bench-installed
 DEMO_DIR ?= demo-data
 
 .PHONY: test demo bench deps venv clean
@@ -17,6 +20,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
 
 # Install the missing Debian tools when we may (root); otherwise say what is missing.
 deps:
@@ -36,7 +43,7 @@ demo: venv deps
 	$(PY) -m cli.demo --dir $(DEMO_DIR)
 
 # QUICK=1: small sizes, under 2 minutes (what the test suite runs)
-bench: venv deps
+bench: venv deps $(BENCH_STAMP)
 	$(PY) -m bench.run $(if $(QUICK),--quick)
 
 clean:
