@@ -5,16 +5,22 @@ One row per (device, request id) makes requests idempotent: a repeated id gets t
 stored answer, never a second certificate. Several gateway processes on one host
 may share the file (WAL, BEGIN IMMEDIATE); a request is claimed before it is
 forwarded so only one of them sends it to the CA.
+
+Group commit: every call joins the next transaction of one database thread, each in
+its own savepoint (one failing call does not undo the others), and returns only once
+that transaction is committed (synchronous=FULL). Calls made while a transaction is
+being written go into the next one, so a storm of 10,000 requests costs a few hundred
+fsyncs, not 40,000, and a caller's "stored" still means on disk.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-
-import aiosqlite
+from typing import Any, Callable
 
 from ca.timefmt import from_rfc3339, to_rfc3339
 
@@ -62,6 +68,7 @@ SCHEMA = [
 ]
 
 CLAIM_TIMEOUT = timedelta(minutes=2)  # a claim older than this belonged to a gateway that died
+BUSY_TIMEOUT_S = 30
 
 
 @dataclass(frozen=True)
@@ -75,163 +82,216 @@ class Entry:
     answer: bytes | None
 
 
+_ENTRY = "SELECT seq, device_id, req_id, op, payload, state, answer FROM requests"
+Op = Callable[[sqlite3.Connection], Any]
+
+
 class Durable:
-    def __init__(self, conn: aiosqlite.Connection, owner: str) -> None:
-        self._c = conn
+    def __init__(self, owner: str) -> None:
         self._owner = owner
-        self._lock = asyncio.Lock()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-db")
+        self._c: sqlite3.Connection | None = None
+        self._pending: list[tuple[Op, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+        self.commits = 0
 
     @classmethod
     async def open(cls, path: Path, owner: str) -> "Durable":
-        conn = await aiosqlite.connect(path, isolation_level=None, timeout=30)
-        await conn.execute("PRAGMA journal_mode = WAL")
-        await conn.execute("PRAGMA synchronous = FULL")
-        self = cls(conn, owner)
-        async with self._tx():
-            version = (await self._one("PRAGMA user_version"))[0]
-            for number, script in enumerate(SCHEMA[version:], start=version + 1):
-                for statement in filter(str.strip, script.split(";")):
-                    await conn.execute(statement)
-                await conn.execute(f"PRAGMA user_version = {number}")
+        self = cls(owner)
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._connect, path)
         return self
 
+    def _connect(self, path: Path) -> None:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for number, script in enumerate(SCHEMA[version:], start=version + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            conn.close()
+            raise
+        self._c = conn
+
     async def close(self) -> None:
-        await self._c.close()
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        if self._c is not None:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._c.close)
+            self._c = None
+        self._thread.shutdown(wait=True)
 
-    @contextlib.asynccontextmanager
-    async def _tx(self):
-        async with self._lock:
-            await self._c.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                await self._c.execute("ROLLBACK")
-                raise
-            await self._c.execute("COMMIT")
+    # -- group commit -------------------------------------------------------------
+    async def _run(self, op: Op):
+        """Run `op(conn)` in the next group transaction; its result once that transaction committed."""
+        if self._c is None:
+            raise RuntimeError("gateway database is closed")
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
 
-    async def _one(self, sql, args=()):
-        async with self._c.execute(sql, args) as cur:
-            return await cur.fetchone()
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    results = await loop.run_in_executor(self._thread, self._commit, [op for op, _ in batch])
+                except BaseException as exc:  # the transaction failed as a whole: nobody's write counts
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, future), (ok, value) in zip(batch, results):
+                    if not future.done():
+                        future.set_result(value) if ok else future.set_exception(value)
+        finally:
+            self._flusher = None
 
-    async def _all(self, sql, args=()):
-        async with self._c.execute(sql, args) as cur:
-            return await cur.fetchall()
+    def _commit(self, ops: list[Op]) -> list[tuple[bool, Any]]:
+        c = self._c
+        results: list[tuple[bool, Any]] = []
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                c.execute("SAVEPOINT op")
+                try:
+                    value = op(c)
+                except Exception as exc:
+                    c.execute("ROLLBACK TO op")
+                    c.execute("RELEASE op")
+                    results.append((False, exc))
+                else:
+                    c.execute("RELEASE op")
+                    results.append((True, value))
+            c.execute("COMMIT")
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        return results
 
     # -- requests -----------------------------------------------------------
     async def receive(self, device_id: str, req_id: str, op: str, payload: bytes, now: datetime,
                       window: timedelta) -> Entry | None:
         """Record a new request; if this (device, id) was seen within `window`, return that entry instead."""
-        async with self._tx():
-            row = await self._one(
-                "SELECT seq, device_id, req_id, op, payload, state, answer, received_at FROM requests "
-                "WHERE device_id = ? AND req_id = ?", (device_id, req_id))
+        def run(c: sqlite3.Connection) -> Entry | None:
+            row = c.execute("SELECT seq, device_id, req_id, op, payload, state, answer, received_at FROM requests "
+                            "WHERE device_id = ? AND req_id = ?", (device_id, req_id)).fetchone()
             if row is not None:
                 if from_rfc3339(row[7]) >= now - window:
                     return Entry(*row[:7])
-                await self._c.execute("DELETE FROM requests WHERE seq = ?", (row[0],))
-            await self._c.execute(
-                "INSERT INTO requests (device_id, req_id, op, payload, received_at) VALUES (?,?,?,?,?)",
-                (device_id, req_id, op, payload, to_rfc3339(now)))
-        return None
+                c.execute("DELETE FROM requests WHERE seq = ?", (row[0],))
+            c.execute("INSERT INTO requests (device_id, req_id, op, payload, received_at) VALUES (?,?,?,?,?)",
+                      (device_id, req_id, op, payload, to_rfc3339(now)))
+            return None
+        return await self._run(run)
 
     async def claim_next(self, now: datetime, seq: int | None = None) -> Entry | None:
         """Claim the oldest pending request (or the one given) that is due; None if there is none."""
         stale = to_rfc3339(now - CLAIM_TIMEOUT)
         # one request per device at a time, so a device's requests reach the CA in its order
-        where = ("state = 'pending' AND (claimed_by IS NULL OR claimed_at < ?) AND (retry_at IS NULL OR retry_at <= ?)"
-                 " AND device_id NOT IN (SELECT device_id FROM requests WHERE state = 'pending'"
-                 " AND claimed_by IS NOT NULL AND claimed_at >= ?)")
+        # (NOT EXISTS per candidate goes through requests_device; a NOT IN list of the claimed
+        # devices would scan every pending row on each claim: quadratic in a storm)
+        where = ("r.state = 'pending' AND (r.claimed_by IS NULL OR r.claimed_at < ?) AND (r.retry_at IS NULL"
+                 " OR r.retry_at <= ?) AND NOT EXISTS (SELECT 1 FROM requests o WHERE o.device_id = r.device_id"
+                 " AND o.state = 'pending' AND o.claimed_by IS NOT NULL AND o.claimed_at >= ?)")
         args: tuple = (stale, to_rfc3339(now), stale)
         if seq is not None:
-            where += " AND seq = ?"
+            where += " AND r.seq = ?"
             args += (seq,)
-        async with self._tx():
-            row = await self._one(f"SELECT seq, device_id, req_id, op, payload, state, answer FROM requests "
-                                  f"WHERE {where} ORDER BY seq LIMIT 1", args)
+
+        def run(c: sqlite3.Connection) -> Entry | None:
+            row = c.execute("SELECT r.seq, r.device_id, r.req_id, r.op, r.payload, r.state, r.answer "
+                            f"FROM requests r WHERE {where} ORDER BY r.seq LIMIT 1", args).fetchone()
             if row is None:
                 return None
-            await self._c.execute("UPDATE requests SET claimed_by = ?, claimed_at = ? WHERE seq = ?",
-                                  (self._owner, to_rfc3339(now), row[0]))
-        return Entry(*row)
+            c.execute("UPDATE requests SET claimed_by = ?, claimed_at = ? WHERE seq = ?",
+                      (self._owner, to_rfc3339(now), row[0]))
+            return Entry(*row)
+        return await self._run(run)
 
     async def release_claims(self) -> int:
         """At start-up: what this gateway (same client id) was forwarding when it died is pending again."""
-        async with self._tx():
-            cur = await self._c.execute("UPDATE requests SET claimed_by = NULL, claimed_at = NULL "
-                                        "WHERE claimed_by = ? AND state = 'pending'", (self._owner,))
-            return cur.rowcount
+        return await self._run(lambda c: c.execute(
+            "UPDATE requests SET claimed_by = NULL, claimed_at = NULL WHERE claimed_by = ? AND state = 'pending'",
+            (self._owner,)).rowcount)
 
     async def unclaim(self, seq: int, retry_at: datetime | None = None) -> None:
-        async with self._tx():
-            await self._c.execute("UPDATE requests SET claimed_by = NULL, claimed_at = NULL, retry_at = ? "
-                                  "WHERE seq = ?", (to_rfc3339(retry_at) if retry_at else None, seq))
+        await self._run(lambda c: c.execute(
+            "UPDATE requests SET claimed_by = NULL, claimed_at = NULL, retry_at = ? WHERE seq = ?",
+            (to_rfc3339(retry_at) if retry_at else None, seq)))
 
     async def answer(self, seq: int, answer: bytes, now: datetime, *, serial: str | None = None) -> None:
         """Store the final answer; an ok answer with a new certificate supersedes older unacked ones."""
-        async with self._tx():
+        def run(c: sqlite3.Connection) -> None:
             if serial is not None:
-                await self._c.execute(
-                    "UPDATE requests SET state = 'superseded' WHERE state = 'answered' AND serial IS NOT NULL "
-                    "AND device_id = (SELECT device_id FROM requests WHERE seq = ?)", (seq,))
-            await self._c.execute(
-                "UPDATE requests SET state = 'answered', answer = ?, answered_at = ?, serial = ?, "
-                "claimed_by = NULL WHERE seq = ?", (answer, to_rfc3339(now), serial, seq))
+                c.execute("UPDATE requests SET state = 'superseded' WHERE state = 'answered' AND serial IS NOT NULL "
+                          "AND device_id = (SELECT device_id FROM requests WHERE seq = ?)", (seq,))
+            c.execute("UPDATE requests SET state = 'answered', answer = ?, answered_at = ?, serial = ?, "
+                      "claimed_by = NULL WHERE seq = ?", (answer, to_rfc3339(now), serial, seq))
+        await self._run(run)
 
     async def ack(self, device_id: str, req_id: str) -> bool:
-        async with self._tx():
-            cur = await self._c.execute(
-                "UPDATE requests SET state = 'acked' WHERE device_id = ? AND req_id = ? AND state = 'answered'",
-                (device_id, req_id))
-            return cur.rowcount == 1
+        return await self._run(lambda c: c.execute(
+            "UPDATE requests SET state = 'acked' WHERE device_id = ? AND req_id = ? AND state = 'answered'",
+            (device_id, req_id)).rowcount == 1)
 
     async def unacked(self, device_id: str, now: datetime, ttl: timedelta) -> list[Entry]:
         """Answers carrying a certificate that the device has not acknowledged (errors and
         cacerts/csrattrs answers are not re-sent: the device asks again if it needs them)."""
-        rows = await self._all(
-            "SELECT seq, device_id, req_id, op, payload, state, answer FROM requests "
-            "WHERE device_id = ? AND state = 'answered' AND serial IS NOT NULL AND answered_at >= ? ORDER BY seq",
-            (device_id, to_rfc3339(now - ttl)))
-        return [Entry(*r) for r in rows]
+        return await self._run(lambda c: [Entry(*r) for r in c.execute(
+            f"{_ENTRY} WHERE device_id = ? AND state = 'answered' AND serial IS NOT NULL AND answered_at >= ? "
+            "ORDER BY seq", (device_id, to_rfc3339(now - ttl)))])
 
     async def pending_count(self) -> int:
-        return (await self._one("SELECT count(*) FROM requests WHERE state = 'pending'"))[0]
+        return await self._run(lambda c: c.execute("SELECT count(*) FROM requests WHERE state = 'pending'"
+                                                   ).fetchone()[0])
 
     async def expire(self, now: datetime, ttl: timedelta) -> int:
         """Forget answered requests older than `ttl` (acked, superseded or never acknowledged)."""
-        async with self._tx():
-            cur = await self._c.execute("DELETE FROM requests WHERE state != 'pending' AND answered_at < ?",
-                                        (to_rfc3339(now - ttl),))
-            return cur.rowcount
+        return await self._run(lambda c: c.execute(
+            "DELETE FROM requests WHERE state != 'pending' AND answered_at < ?", (to_rfc3339(now - ttl),)).rowcount)
 
     # -- presence and posture, until the CA has them --------------------------------
     async def note_report(self, device_id: str, kind: str, payload: bytes, now: datetime) -> None:
-        async with self._tx():
-            await self._c.execute("INSERT INTO reports (device_id, kind, payload, at) VALUES (?, ?, ?, ?) "
-                                  "ON CONFLICT(device_id, kind) DO UPDATE SET payload = excluded.payload, "
-                                  "at = excluded.at", (device_id, kind, payload, now.isoformat()))
+        await self._run(lambda c: c.execute(
+            "INSERT INTO reports (device_id, kind, payload, at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(device_id, kind) DO UPDATE SET payload = excluded.payload, at = excluded.at",
+            (device_id, kind, payload, now.isoformat())))
 
     async def reports(self, limit: int = 100) -> list[tuple[str, str, bytes, str]]:
-        return await self._all("SELECT device_id, kind, payload, at FROM reports ORDER BY at LIMIT ?", (limit,))
+        return await self._run(lambda c: c.execute(
+            "SELECT device_id, kind, payload, at FROM reports ORDER BY at LIMIT ?", (limit,)).fetchall())
 
     async def drop_report(self, device_id: str, kind: str, at: str) -> None:
         """Forget a report the CA has, unless a newer one replaced it meanwhile."""
-        async with self._tx():
-            await self._c.execute("DELETE FROM reports WHERE device_id = ? AND kind = ? AND at = ?",
-                                  (device_id, kind, at))
+        await self._run(lambda c: c.execute(
+            "DELETE FROM reports WHERE device_id = ? AND kind = ? AND at = ?", (device_id, kind, at)))
 
     # -- things done once -----------------------------------------------------
     async def note_once(self, serial: str, kind: str, now: datetime) -> bool:
         """True the first time (serial, kind) is noted: e.g. a renew notice sent for a certificate."""
-        async with self._tx():
-            cur = await self._c.execute("INSERT OR IGNORE INTO notices (serial, kind, at) VALUES (?, ?, ?)",
-                                        (serial, kind, to_rfc3339(now)))
-            return cur.rowcount == 1
+        return await self._run(lambda c: c.execute(
+            "INSERT OR IGNORE INTO notices (serial, kind, at) VALUES (?, ?, ?)",
+            (serial, kind, to_rfc3339(now))).rowcount == 1)
 
     async def cursor(self, name: str, default: int = 0) -> int:
-        row = await self._one("SELECT value FROM cursors WHERE name = ?", (name,))
+        row = await self._run(lambda c: c.execute("SELECT value FROM cursors WHERE name = ?", (name,)).fetchone())
         return row[0] if row else default
 
     async def set_cursor(self, name: str, value: int) -> None:
-        async with self._tx():
-            await self._c.execute("INSERT INTO cursors (name, value) VALUES (?, ?) "
-                                  "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (name, value))
+        await self._run(lambda c: c.execute(
+            "INSERT INTO cursors (name, value) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+            (name, value)))

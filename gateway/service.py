@@ -1,12 +1,16 @@
 """The gateway's request path: MQTT request -> durable inbox -> RA call -> durable outbox -> publish.
 
 Every request is stored before the broker hears it was received (manual PUBACK),
-forwarded by a small pool of workers (one request per device at a time, and one
+forwarded by a pool of workers (one request per device at a time, and one
 at a time overall while a backlog drains after an outage, so requests reach the
 CA in arrival order), and its final answer is stored before it is published. A
 gateway killed at any point loses nothing and never asks the CA twice for the
 same (device, request id); the CA's own request-id check covers the moment
 between its answer and our store.
+
+Messages are taken in batches (whatever has arrived, up to INTAKE_BATCH) and handled
+concurrently, so their writes share one transaction of the durable store (group
+commit); the batch is PUBACKed, in arrival order, once all of it is stored.
 """
 from __future__ import annotations
 
@@ -27,7 +31,9 @@ from .topics import Topics
 
 log = logging.getLogger(__name__)
 
-WORKERS = 8
+WORKERS = 32            # concurrent requests to the CA: its group commit needs several to share an fsync
+INTAKE_BATCH = 1000     # messages handled (and stored in one transaction) at a time
+OCSP_PUBLISHERS = 4     # concurrent OCSP publications of new certificates, off the answer path
 QUEUED_AFTER_S = 2.0   # a CA slower than this to answer: tell the device `queued` meanwhile
 
 
@@ -40,7 +46,10 @@ class GatewayService:
         self._ra = ra
         self._db = durable
         self._clock = clock
-        self._wake = asyncio.Event()
+        self._work_gen = 0                              # bumped whenever there may be new work
+        self._work_waiters: list[asyncio.Future] = []
+        self._issued_gate = asyncio.Semaphore(OCSP_PUBLISHERS)
+        self._background: set[asyncio.Task] = set()
         self._reports_wake = asyncio.Event()
         self._told_queued: set[tuple[str, str]] = set()
         self._on_issued = on_issued  # async callback(serial): e.g. publish its OCSP response at once
@@ -50,14 +59,23 @@ class GatewayService:
     # -- intake -----------------------------------------------------------------
     async def run_intake(self) -> None:
         """Consume MQTT messages forever; a bad message is answered or logged, never fatal."""
+        queue = self._link.messages
         while True:
-            message = await self._link.messages.get()
+            batch = [await queue.get()]
+            while len(batch) < INTAKE_BATCH and not queue.empty():
+                batch.append(queue.get_nowait())
             try:
-                await self.handle(message)
-            except Exception:
-                log.exception("failed to handle message on %s", message.topic)
+                # each handler's first write is queued before any other handler runs: arrival order holds
+                await asyncio.gather(*(self._handle_logged(m) for m in batch))
             finally:
-                self._link.ack(message)  # PUBACK only now: the request is stored (or answered)
+                for message in batch:
+                    self._link.ack(message)  # PUBACK only now: the request is stored (or answered)
+
+    async def _handle_logged(self, message: Message) -> None:
+        try:
+            await self.handle(message)
+        except Exception:
+            log.exception("failed to handle message on %s", message.topic)
 
     async def handle(self, message: Message) -> None:
         parsed = self.topics.parse(message.topic)
@@ -90,7 +108,7 @@ class GatewayService:
             return
         if not self.ca_reachable or self._draining:
             await self._tell_queued(device_id, op, request.id)  # behind the backlog: say so at once
-        self._wake.set()
+        self._new_work()
 
     async def _repeat(self, request: codec.Request, previous: Entry, payload: bytes) -> None:
         """The same id again: the same answer (MQTT contract), never a second certificate."""
@@ -112,10 +130,14 @@ class GatewayService:
                 log.info("bad presence %r from %s", state[:20], device_id)
                 return
             payload = json.dumps({"online": state == "online"}).encode()
+            # stored first: in a batch, reports of one device must reach the store in arrival order
+            await self._db.note_report(device_id, kind, payload, self._clock())
+            self._reports_wake.set()
             if state == "online":
                 # whatever the device missed while away, again, oldest first
                 for entry in await self._db.unacked(device_id, self._clock(), self.config.answer_ttl):
                     await self._link.publish(self.topics.response(device_id, entry.op), entry.answer, wait=False)
+            return
         else:
             try:
                 if not isinstance(json.loads(payload), dict):
@@ -154,17 +176,27 @@ class GatewayService:
     async def run_forwarders(self) -> None:
         await asyncio.gather(*(self._forwarder(i) for i in range(WORKERS)))
 
+    def _new_work(self) -> None:
+        self._work_gen += 1
+        for waiter in self._work_waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._work_waiters.clear()
+
     async def _forwarder(self, index: int) -> None:
         while True:
+            seen = self._work_gen  # work arriving while we look is not missed: we look again at once
             entry = None if (self._draining and index) else await self._db.claim_next(self._clock())
             if entry is None:
                 if index == 0 and self.ca_reachable:
                     self._draining = False  # the backlog is gone: back to parallel forwarding
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), self.config.retry_every.total_seconds())
-                except asyncio.TimeoutError:
-                    pass
+                if self._work_gen == seen:
+                    waiter = asyncio.get_running_loop().create_future()
+                    self._work_waiters.append(waiter)
+                    try:
+                        await asyncio.wait_for(waiter, self.config.retry_every.total_seconds())
+                    except asyncio.TimeoutError:
+                        pass
                 continue
             try:
                 await self._forward(entry)
@@ -205,8 +237,18 @@ class GatewayService:
         await self._db.answer(entry.seq, payload, self._clock(), serial=serial)   # stored before it is sent
         self._told_queued.discard((entry.device_id, request.id))
         await self._link.publish(self.topics.response(entry.device_id, entry.op), payload, wait=False)
+        self._new_work()  # the device's next request, if any, may go now
         if serial is not None and self._on_issued is not None:
-            await self._on_issued(serial)
+            task = asyncio.create_task(self._issued(serial))  # not on the answer path
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _issued(self, serial: str) -> None:
+        async with self._issued_gate:
+            try:
+                await self._on_issued(serial)
+            except Exception:
+                log.exception("after issuing %s", serial)
 
     async def _call(self, request: codec.Request) -> dict:
         if request.op == "simpleenroll":
