@@ -13,6 +13,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -32,11 +33,38 @@ class Published:
     this_update: datetime
     next_update: datetime
 
+    @cached_property
+    def http_dates(self) -> tuple[str, str]:
+        """(Last-Modified, Expires) as HTTP dates: formatted once, not on every answer."""
+        return _http_date(self.this_update), _http_date(self.next_update)
+
+
+def _http_date(when: datetime) -> str:
+    return when.strftime("%a, %d %b %Y %H:%M:%S GMT")
+
+
+class _Recorder:
+    """The cache handed to Authority.ocsp for one request: notes which cache entry that
+    request's bytes resolved to, so the same bytes next time skip parsing and the issuer check."""
+
+    __slots__ = ("_publisher", "request", "key")
+
+    def __init__(self, publisher: "Publisher", request_der: bytes) -> None:
+        self._publisher, self.request, self.key = publisher, request_der, None
+
+    async def cached(self, serial: int, algorithm: hashes.HashAlgorithm | None = None) -> bytes:
+        algorithm = algorithm or hashes.SHA1()
+        self.key = (serial, algorithm.name)
+        return await self._publisher.cached(serial, algorithm)
+
 
 class Publisher:
     def __init__(self, authority: Authority, *, cache_size: int, poll: timedelta) -> None:
         self._authority = authority
         self._cache: OrderedDict[tuple[int, str], Published] = OrderedDict()
+        # exact request bytes (no nonce, this issuer) -> their key in _cache; the bytes decide
+        # the serial and hash algorithm, so the mapping never goes stale, only the response does
+        self._requests: OrderedDict[bytes, tuple[int, str]] = OrderedDict()
         self._cache_size = cache_size
         self._poll = poll.total_seconds()
         self._crl: Published | None = None
@@ -91,7 +119,25 @@ class Publisher:
 
     async def ocsp(self, request_der: bytes) -> bytes:
         """Answer one DER OCSP request; nonce requests are signed fresh, others come from the cache."""
-        return await self._authority.ocsp(request_der, cache=self)
+        return (await self.answer(request_der))[0]
+
+    async def answer(self, request_der: bytes) -> tuple[bytes, Published | None]:
+        """The DER answer and, when it came from the cache (no nonce), its Published entry:
+        what an HTTP cache may be told about it, without parsing the response again."""
+        key = self._requests.get(request_der)
+        if key is not None:
+            item = self._cache.get(key)
+            if item is not None and not self._stale(item):
+                self._cache.move_to_end(key)
+                return item.der, item
+        recorder = _Recorder(self, bytes(request_der))
+        der = await self._authority.ocsp(request_der, cache=recorder)
+        if recorder.key is None:
+            return der, None   # signed afresh (nonce) or an error response: nothing to reuse
+        self._requests[recorder.request] = recorder.key
+        if len(self._requests) > self._cache_size:
+            self._requests.popitem(last=False)
+        return der, self._cache.get(recorder.key)
 
     async def cached(self, serial: int, algorithm: hashes.HashAlgorithm | None = None) -> bytes:
         return (await self.cached_response(serial, algorithm)).der

@@ -1,8 +1,6 @@
 """OCSP (RFC 6960, RFC 5019 GET) and CRL distribution over plain HTTP, plus the caIssuers certificate."""
 from __future__ import annotations
 
-from datetime import datetime
-
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -12,16 +10,13 @@ from ca import ocsp as ocsp_mod
 from ca.codec import b64decode_strict
 from ca.errors import BadRequestError
 
+from .publication import Published
 from .state import AUTHORITY, PUBLISHER
 
 CT_OCSP_REQUEST = "application/ocsp-request"
 CT_OCSP_RESPONSE = "application/ocsp-response"
 MAX_OCSP_REQUEST = 10 * 1024
 MAX_CACHE_AGE_S = 300
-
-
-def _http_date(when: datetime) -> str:
-    return when.strftime("%a, %d %b %Y %H:%M:%S GMT")
 
 
 def _ocsp_answer(der: bytes) -> web.Response:
@@ -35,7 +30,7 @@ async def ocsp_post(request: web.Request) -> web.Response:
     if len(body) > MAX_OCSP_REQUEST:
         return web.Response(status=413, text=f"OCSP request over the {MAX_OCSP_REQUEST}-byte limit\n",
                             content_type="text/plain")
-    return _ocsp_answer(await request.app[PUBLISHER].ocsp(body))
+    return _ocsp_answer((await request.app[PUBLISHER].answer(body))[0])
 
 
 async def ocsp_get(request: web.Request) -> web.Response:
@@ -45,22 +40,29 @@ async def ocsp_get(request: web.Request) -> web.Response:
         der = b64decode_strict(encoded, "OCSP request")
     except BadRequestError:
         return _ocsp_answer(ocsp_mod.error_response(x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST))
-    answer = await request.app[PUBLISHER].ocsp(der)
-    response = _ocsp_answer(answer)
-    try:
-        parsed = x509_ocsp.load_der_ocsp_response(answer)
-        if (parsed.response_status is x509_ocsp.OCSPResponseStatus.SUCCESSFUL
-                and parsed.next_update_utc is not None and not _has_nonce(parsed)):
-            # RFC 5019 6.2: cacheable answers say for how long
-            now = request.app[AUTHORITY].now()
-            # short enough that an HTTP cache does not keep "good" long after a revocation
-            max_age = max(0, min(MAX_CACHE_AGE_S, int((parsed.next_update_utc - now).total_seconds()) // 2))
-            response.headers["Cache-Control"] = f"max-age={max_age}, public, no-transform, must-revalidate"
-            response.headers["Last-Modified"] = _http_date(parsed.this_update_utc)
-            response.headers["Expires"] = _http_date(parsed.next_update_utc)
-    except ValueError:
-        pass
-    return response
+    answer, published = await request.app[PUBLISHER].answer(der)
+    if published is None:
+        # not from the cache (a nonce, or an error): cacheable only if it says so itself
+        try:
+            parsed = x509_ocsp.load_der_ocsp_response(answer)
+            if (parsed.response_status is x509_ocsp.OCSPResponseStatus.SUCCESSFUL
+                    and parsed.next_update_utc is not None and not _has_nonce(parsed)):
+                published = Published(answer, parsed.this_update_utc, parsed.next_update_utc)
+        except ValueError:
+            pass
+    if published is None:
+        return _ocsp_answer(answer)
+    # RFC 5019 6.2: cacheable answers say for how long,
+    # short enough that an HTTP cache does not keep "good" long after a revocation
+    now = request.app[AUTHORITY].now()
+    max_age = max(0, min(MAX_CACHE_AGE_S, int((published.next_update - now).total_seconds()) // 2))
+    last_modified, expires = published.http_dates
+    return web.Response(body=answer, headers={
+        "Content-Type": CT_OCSP_RESPONSE,
+        "Cache-Control": f"max-age={max_age}, public, no-transform, must-revalidate",
+        "Last-Modified": last_modified,
+        "Expires": expires,
+    })
 
 
 def _has_nonce(parsed: x509_ocsp.OCSPResponse) -> bool:
@@ -69,11 +71,9 @@ def _has_nonce(parsed: x509_ocsp.OCSPResponse) -> bool:
 
 async def crl(request: web.Request) -> web.Response:
     published = await request.app[PUBLISHER].crl()
+    last_modified, expires = published.http_dates
     return web.Response(body=published.der, headers={
-        "Content-Type": "application/pkix-crl",
-        "Last-Modified": _http_date(published.this_update),
-        "Expires": _http_date(published.next_update),
-    })
+        "Content-Type": "application/pkix-crl", "Last-Modified": last_modified, "Expires": expires})
 
 
 async def ca_cert(request: web.Request) -> web.Response:
