@@ -125,9 +125,15 @@ class Gateway:
             conn.close()
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pid: int, children: bool = True) -> float:
+    """User + system CPU of a process and, unless told not to, its live children (`serve --workers N`)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return 0.0
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + (sum(cpu_seconds(int(child)) for child in kids) if children else 0.0)
 
 
 class CPU:
@@ -136,11 +142,15 @@ class CPU:
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
 
+    def _now(self) -> dict[str, float]:
+        # the generator is this process, whose children are the processes measured beside it
+        return {name: cpu_seconds(pid, children=name != "generator") for name, pid in self.pids.items()}
+
     def start(self) -> None:
-        self.t0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.t0 = self._now()
 
     def stop(self) -> dict[str, float]:
-        return {name: round(cpu_seconds(pid) - self.t0[name], 2) for name, pid in self.pids.items()}
+        return {name: round(sec - self.t0[name], 2) for name, sec in self._now().items()}
 
 
 def raise_fd_limit() -> int:
