@@ -62,6 +62,7 @@ class Authority:
         self._clock = clock
         self._serial = serial_source
         self._responder: OCSPResponder | None = None
+        self._responder_lock = asyncio.Lock()
         # Wrong tokens per device: 5 in 15 minutes, then the device waits (RFC 7030 3.2.3 leaves this to us).
         self.token_failures = FailureLimiter(limit=5, window=timedelta(minutes=15), what="device", clock=clock)
 
@@ -470,7 +471,9 @@ class Authority:
         """The delegated OCSP responder, rotated once 2/3 of its lifetime has passed."""
         now = self._clock()
         if self._responder is None or self._responder.needs_rotation(now):
-            self._responder = await load_or_rotate_responder(self, now)
+            async with self._responder_lock:  # one coroutine loads or rotates, the others wait for it
+                if self._responder is None or self._responder.needs_rotation(now):
+                    self._responder = await load_or_rotate_responder(self, now)
         return self._responder
 
     async def ocsp_answer(self, serial: int) -> ocsp_mod.OCSPAnswer:

@@ -4,10 +4,17 @@ The responder certificate is short-lived (`ocsp_signer_lifetime`, 7 days by
 default) and carries id-pkix-ocsp-nocheck, so it cannot itself be revoked:
 rotation is what limits the harm of a leaked responder key. Certificate and
 encrypted key live in one file, replaced atomically, so a reader never sees a
-new certificate with an old key.
+new certificate with an old key. Rotation holds an exclusive lock on a file
+beside them, so of several processes serving one CA directory (server
+workers, the CLI) that find the responder due at once, the first rotates and
+the others load what it wrote.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -56,7 +63,22 @@ async def load_or_rotate_responder(authority: "Authority", now: datetime) -> OCS
     current = _load(authority)
     if current is not None and not current.needs_rotation(now):
         return current
-    return await rotate_responder(authority, actor="system:ocsp-rotation")
+    async with _rotation_lock(authority):
+        current = _load(authority)  # another process may have rotated while we waited
+        if current is not None and not current.needs_rotation(now):
+            return current
+        return await rotate_responder(authority, actor="system:ocsp-rotation")
+
+
+@contextlib.asynccontextmanager
+async def _rotation_lock(authority: "Authority"):
+    path = authority.paths.ocsp_signer.with_name("ocsp-rotation.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)  # waits in a thread, not on the loop
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 async def rotate_responder(authority: "Authority", *, actor: str) -> OCSPResponder:

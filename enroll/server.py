@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import fcntl
 import logging
 import multiprocessing
 import os
@@ -123,7 +122,6 @@ def _print_listening(est_url: str, ocsp_url: str) -> None:
 async def run_worker(authority: Authority, config: EnrollConfig, est_socks: list[socket.socket],
                      http_socks: list[socket.socket], *, index: int, duties: bool, ready) -> None:
     """Serve until signalled. `duties`: this worker also runs the once-per-server background tasks."""
-    _serialise_responder_rotation(authority)
     publisher = Publisher(authority, cache_size=config.ocsp_cache_size, poll=config.status_poll)
     await publisher.start()
     if config.channel_binding and not exporter_available() and duties:  # self-check now, not on a first request
@@ -218,40 +216,6 @@ class _Acceptor:
             self._sock.close()   # this process's descriptor; other workers keep theirs
         for task in self._tasks:
             task.cancel()
-
-
-def _serialise_responder_rotation(authority: Authority) -> None:
-    """Rotate the OCSP responder at most once across every process serving this CA directory.
-
-    `Authority.responder()` loads the responder from disk and rotates it only if the one on disk
-    is due; with several workers, each would find it due at the same moment and issue its own.
-    Calls go through an asyncio lock and an exclusive lock on a file beside the responder key, so
-    the first rotates and the others load what it wrote.
-    """
-    original = authority.responder
-    lock = asyncio.Lock()
-    lock_path = authority.paths.ocsp_signer.with_name("ocsp-rotation.lock")
-    current = None
-
-    def file_lock() -> int:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
-
-    async def responder():
-        nonlocal current
-        if current is not None and not current.needs_rotation(authority.now()):
-            return current
-        async with lock:
-            if current is None or current.needs_rotation(authority.now()):
-                fd = await asyncio.to_thread(file_lock)
-                try:
-                    current = await original()
-                finally:
-                    os.close(fd)   # releases the lock
-        return current
-
-    authority.responder = responder
 
 
 async def _attendance(authority: Authority) -> None:

@@ -121,3 +121,42 @@ async def test_ocsp_responder_rotates_at_two_thirds(authority, clock, ca_home):
     assert (await authority.certificate(second.serial_number)).profile == "ocsp"  # on file first
     assert x509.load_pem_x509_certificate((ca_home / "ocsp.pem").read_bytes()) == second
     assert (ca_home / "private" / "ocsp-signer.pem").stat().st_mode & 0o777 == 0o600
+
+
+ROTATE = """
+import asyncio, sys, time
+from datetime import datetime
+from ca.authority import Authority
+due = datetime.fromisoformat(sys.argv[2])
+async def main():
+    async with await Authority.open(sys.argv[1], clock=lambda: due) as a:
+        time.sleep(max(0.0, float(sys.argv[3]) - time.time()))  # all processes ask at the same moment
+        print((await a.responder()).certificate.serial_number)
+asyncio.run(main())
+"""
+
+
+def test_processes_that_find_the_responder_due_at_once_rotate_it_once(ca_home, clock):
+    """Server workers and the CLI share one CA directory: the first rotates, the others load its work."""
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+    due, at = (clock() + timedelta(days=6)).isoformat(), str(time.time() + 4)
+    procs = [subprocess.Popen([sys.executable, "-c", ROTATE, str(ca_home), due, at], stdout=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    serials = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(serials) == 1, serials
+    rows = sqlite3.connect(ca_home / "iomtca.db").execute(
+        "SELECT count(*) FROM certificates WHERE profile = 'ocsp'").fetchone()[0]
+    assert rows == 2  # the one made at init, and one rotation
+
+
+async def test_coroutines_that_find_the_responder_due_at_once_rotate_it_once(authority, clock):
+    import asyncio
+    await authority.responder()
+    clock.advance(days=6)
+    found = await asyncio.gather(*(authority.responder() for _ in range(5)))
+    assert len({r.certificate.serial_number for r in found}) == 1
+    assert len([c for c in await authority.certificates() if c.profile == "ocsp"]) == 2
