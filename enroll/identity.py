@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 import urllib.parse
 from dataclasses import dataclass
@@ -72,7 +73,11 @@ def _from_trusted_proxy(request: web.Request, config: EnrollConfig) -> bool:
     return any(address in net for net in config.trusted_proxies)
 
 
+@functools.lru_cache(maxsize=1024)
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    # Cached: whether these exact bytes carry the issuer's signature never changes, and the gateway
+    # and renewing devices present the same certificate on every request (certificates compare by
+    # their DER). Revocation and validity are checked on every request, elsewhere.
     try:
         cert.verify_directly_issued_by(issuer)
         return True
