@@ -1,0 +1,171 @@
+"""A private mosquitto, `iomtca gateway` and a retained-message watcher for the benchmarks that
+need the MQTT side (figures 6 and 9). Every process is stopped by its own pid; every wait has a
+deadline. Load stays on 127.0.0.1."""
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from cryptography.x509 import ocsp
+
+from .common import IOMTCA, Server, _readline, free_port, stop
+
+TOPIC_ROOT = "iomt/v1"
+
+
+class Broker:
+    """mosquitto on a free loopback port with its own config (no persistence: retained messages in memory)."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Broker":
+        self.work.mkdir(parents=True, exist_ok=True)
+        conf = self.work / "mosquitto.conf"
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "set_tcp_nodelay true",
+                 "max_queued_messages 200000", "log_dest stderr", "log_type error", "log_type warning"]
+        if os.geteuid() == 0:
+            lines.append("user root")
+        conf.write_text("\n".join(lines) + "\n")
+        self.log = open(self.work / "mosquitto.log", "w")
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    stop(self.proc)
+                    self.log.close()
+                    raise RuntimeError(f"mosquitto did not start: {(self.work / 'mosquitto.log').read_text()[-500:]}")
+                time.sleep(0.02)
+
+    def __exit__(self, *exc) -> None:
+        stop(self.proc)
+        self.log.close()
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class Gateway:
+    """`iomtca gateway` against a Server and a Broker, ready once it printed its connected line."""
+
+    def __init__(self, home: Path, broker: Broker, server: Server, *, publish_pki: bool = True) -> None:
+        self.argv = [IOMTCA, "gateway", "--dir", str(home), "--broker", broker.url,
+                     "--ca", f"https://127.0.0.1:{server.est_port}", "--client-id", "bench-gateway"]
+        if not publish_pki:
+            self.argv.append("--no-publish-pki")
+        self.home = home
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Gateway":
+        self.log = open(self.home / "bench-gateway.log", "w")
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        line = _readline(self.proc, 60)
+        if "connected" not in line:
+            stop(self.proc)
+            self.log.close()
+            raise RuntimeError(f"gateway did not start: {line!r} {(self.home / 'bench-gateway.log').read_text()[-800:]}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stop(self.proc)
+        self.log.close()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def status_of(der: bytes) -> str | None:
+    """'good' / 'revoked' / 'unknown' of a DER OCSP response, None for an empty or unsuccessful one."""
+    if not der:
+        return None
+    try:
+        resp = ocsp.load_der_ocsp_response(der)
+    except ValueError:
+        return None
+    if resp.response_status is not ocsp.OCSPResponseStatus.SUCCESSFUL:
+        return None
+    return resp.certificate_status.name.lower()
+
+
+class Watcher:
+    """An MQTT subscriber (paho's network thread) that notes, per serial, when the retained
+    `pki/ocsp/{serial}` message first said good and first said revoked (time.monotonic())."""
+
+    def __init__(self, port: int) -> None:
+        self._lock = threading.Lock()
+        self.seen: dict[str, dict[str, float]] = {}
+        self._subscribed = threading.Event()
+        c = self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"bench-watch-{os.getpid()}",
+                                       protocol=paho.MQTTv5)
+        c.on_message = self._on_message
+        c.on_subscribe = lambda *a, **k: self._subscribed.set()
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+
+    def _on_message(self, client, userdata, message) -> None:
+        now = time.monotonic()
+        serial = message.topic.rsplit("/", 1)[-1]
+        status = status_of(message.payload)
+        with self._lock:
+            entry = self.seen.setdefault(serial, {})
+            if status is not None and status not in entry:
+                entry[status] = now
+
+    def watch(self, serial_hex: str, timeout: float = 10) -> None:
+        self._subscribed.clear()
+        self._client.subscribe(f"{TOPIC_ROOT}/pki/ocsp/{serial_hex}", qos=1)
+        if not self._subscribed.wait(timeout):
+            raise RuntimeError("the broker did not acknowledge a subscription")
+
+    def unwatch(self, serial_hex: str) -> None:
+        self._client.unsubscribe(f"{TOPIC_ROOT}/pki/ocsp/{serial_hex}")
+
+    def when(self, serial_hex: str, status: str | None) -> float | None:
+        """When `status` (None: any status) was first seen for this serial."""
+        with self._lock:
+            entry = self.seen.get(serial_hex, {})
+            return min(entry.values(), default=None) if status is None else entry.get(status)
+
+    def wait_for(self, serial_hex: str, status: str | None, timeout: float) -> float | None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            at = self.when(serial_hex, status)
+            if at is not None:
+                return at
+            time.sleep(0.005)
+        return None
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+def last_in_sweep(db: Path) -> str | None:
+    """The serial the gateway's start-up sweep publishes last (it pages through unexpired device
+    certificates in the store's serial order); None when there is none."""
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT MAX(c.serial) FROM certificates c JOIN devices d ON d.id = c.device_id "
+                            "WHERE c.not_after > ?", (now,)).fetchone()[0]
+    finally:
+        conn.close()
