@@ -312,13 +312,14 @@ def run(work: Path, quick: bool) -> list[Figure]:
     post_met = med["ours_post"] >= med["cfssl_post"]
     get_base = med.get("cfssl_get", med["cfssl_post"])
     get_met = med["ours_get"] >= get_base
-    miss = ("py-spy of the server under this load (single aiohttp process): about 40% of its time is the "
-            "socket send syscall (loopback TCP delivered inside send), 15-20% aiohttp request parsing and "
-            "response writing, 10% the error middleware and routing; the OCSP work itself is a dict lookup "
-            "(requests seen before skip parsing and the issuer check). One Python process answers about "
-            "7-8k/s here; cfssl's Go server spreads the same work over both cores. What would move it: "
-            "several responder processes on one SO_REUSEPORT socket (the multi-worker serve being built), "
-            "or a lower-level HTTP path for /ocsp than aiohttp's web.Application.")
+    miss = ("py-spy of the server under this load (one aiohttp process): 30-40% of its samples are the socket "
+            "send syscall (loopback TCP is delivered inside send), most of the rest aiohttp's request parsing, "
+            "middleware chain, routing and response writing; the OCSP work itself is two dict lookups (requests "
+            "seen before skip parsing and the issuer check; GET reuses the cached entry's HTTP dates). One "
+            "Python process answers 7-12k/s here depending on the machine's other load, while cfssl's Go server "
+            "uses both cores and suffers more from a busy machine, so the ratio swings with the load. What would "
+            "move it: `iomtca serve --workers 2` (each worker keeps its own cache), or a leaner HTTP path for "
+            "/ocsp than aiohttp's web.Application (a plain asyncio protocol answering from the cache).")
     return [
         Figure(4, "OCSP POST, keep-alive, 8 clients (responses/s)", round(med["ours_post"]),
                round(med["cfssl_post"]), "responses/s", "cfssl ocspserve, pre-signed responses",

@@ -98,10 +98,13 @@ class Publisher:
                 for name in CERT_ID_HASHES:
                     self._cache.pop((serial, name), None)
             self._seen = changes[-1][0]
-            await self.crl(force=True)
-            log.info("status changes applied up to %d (%d serials)", self._seen, len(changes))
+            # OCSP answers are right from here on: wake the long polls (the gateway) now rather than
+            # after the CRL is re-signed. crl(force=True) takes the CRL lock before anything else
+            # runs, so a /crl asked for by a woken poller waits for the new CRL, never gets the old.
             async with self.changed:
                 self.changed.notify_all()
+            await self.crl(force=True)
+            log.info("status changes applied up to %d (%d serials)", self._seen, len(changes))
         elif self._crl and self._stale(self._crl):
             await self.crl(force=True)
 
