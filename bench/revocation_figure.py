@@ -20,7 +20,7 @@ import aiohttp
 from cryptography import x509
 
 from .common import IOMTCA, Figure, Server, init_ca
-from .ocsp_figure import requests_for
+from .ocsp_figure import fetch, requests_for
 from .seed import seed
 from .stack import Broker, Gateway, Watcher, last_in_sweep, status_of
 
@@ -78,6 +78,7 @@ def run(work: Path, quick: bool) -> list[Figure]:
     chosen = [good[i * len(good) // samples] for i in range(samples)]
     latency: dict[str, list[float]] = {"ocsp": [], "crl": [], "mqtt": []}
     timeouts = {k: 0 for k in latency}
+    early = {k: 0 for k in latency}   # visible at or before the CLI returned (its exit takes a while)
     last = last_in_sweep(home / "iomtca.db")
     with Broker(work / "fig6-broker") as broker, Server(home) as server:
         http_url = f"http://127.0.0.1:{server.http_port}"
@@ -95,6 +96,10 @@ def run(work: Path, quick: bool) -> list[Figure]:
                     watcher.watch(hexs)
                     watcher.wait_for(hexs, "good", 10)
                     request_der = requests_for(issuer, [serial])[0]
+                    # a relying party that asked before: the server holds a cached "good" answer, so
+                    # what is measured is that answer being replaced, not a first, fresh signature
+                    if status_of(fetch(http_url + "/ocsp", request_der, "POST")) != "good":
+                        raise RuntimeError(f"serial {hexs} is not good before its revocation")
                     subprocess.run([IOMTCA, "cert", "revoke", hexs, "--dir", str(home), "--reason",
                                     "keyCompromise"], check=True, stdout=subprocess.DEVNULL, timeout=60)
                     t0 = time.monotonic()
@@ -108,6 +113,7 @@ def run(work: Path, quick: bool) -> list[Figure]:
                         else:
                             # the MQTT message may arrive while the CLI process is still exiting: 0
                             latency[channel].append(max(0.0, at - t0) * 1000)
+                            early[channel] += at <= t0 + POLL_S
                     watcher.unwatch(hexs)
                     time.sleep(SPACING_S)
         finally:
@@ -119,8 +125,9 @@ def run(work: Path, quick: bool) -> list[Figure]:
     base_note = (f"{count:,} certificates ({count // 100:,} revoked, so the CRL has {count // 100:,}+ entries); "
                  f"{samples} revocations by `iomtca cert revoke` (subprocess), {SPACING_S} s apart; latency from the "
                  f"CLI returning")
-    names = {"ocsp": ("OCSP answer from the server", f"polled every {POLL_S * 1000:.0f} ms (resolution); the "
-                      "server's status follower polls the store every 250 ms"),
+    names = {"ocsp": ("OCSP answer from the server", f"polled every {POLL_S * 1000:.0f} ms (resolution), the "
+                      "same request asked once before the revocation (its good answer cached, as for a relying "
+                      "party that asked before); the server's status follower polls the store every 250 ms"),
              "crl": ("/crl from the server", f"polled every {POLL_S * 1000:.0f} ms (resolution); the CRL is "
                      "re-signed by the status follower"),
              "mqtt": ("retained MQTT OCSP message", "subscriber time of arrival (no polling); the gateway "
@@ -134,7 +141,8 @@ def run(work: Path, quick: bool) -> list[Figure]:
         figures.append(Figure(
             6, f"Revocation latency to {label}, {count:,} certificates (p99 ms)", round(max(p99, 0.1), 1), None,
             "ms", "none (absolute bar)", "p99 < 1 s", met, "python -m bench.run --only 6",
-            notes=f"p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {max(values):.0f} ms; {how}; {base_note}"
+            notes=f"p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {max(values):.0f} ms ({early[channel]} of {samples} "
+                  f"already visible when the CLI returned, counted as 0 to {POLL_S * 1000:.0f} ms); {how}; {base_note}"
                   + (f"; {timeouts[channel]} not visible within {DEADLINE_S:.0f} s" if timeouts[channel] else ""),
             miss="" if met else MISS,
             runs={"ms": [round(v, 1) for v in values], "gateway_startup_s": startup and round(startup, 1)}))
