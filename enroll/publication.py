@@ -69,6 +69,7 @@ class Publisher:
         self._poll = poll.total_seconds()
         self._crl: Published | None = None
         self._crl_lock = asyncio.Lock()
+        self._refresh_lock = asyncio.Lock()
         self._seen = 0
         self.changed = asyncio.Condition()   # notified after each batch of status changes
 
@@ -91,7 +92,19 @@ class Publisher:
                 log.exception("status follower failed; retrying")
             await asyncio.sleep(self._poll)
 
+    async def catch_up(self) -> None:
+        """Apply status changes now if the store has any this publisher has not seen. With several
+        server workers, another worker's follower may have woken the gateway's long poll while this
+        one's has not polled yet: a cached answer served then would be the old status, and the
+        gateway would publish it as the retained response until its next refresh."""
+        if await self._authority.last_status_change() > self._seen:
+            await self.refresh_once()
+
     async def refresh_once(self) -> None:
+        async with self._refresh_lock:   # the follower and catch_up() must not apply a batch twice
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         changes = await self._authority.status_changes(self._seen)
         if changes:
             for _, serial in changes:
@@ -113,6 +126,8 @@ class Publisher:
         return self._authority.now() >= item.this_update + (item.next_update - item.this_update) / 2
 
     async def crl(self, force: bool = False) -> Published:
+        if not force and self._crl is not None:
+            await self.catch_up()
         async with self._crl_lock:
             if force or self._crl is None or self._stale(self._crl):
                 der = await self._authority.crl()
@@ -149,6 +164,9 @@ class Publisher:
         algorithm = algorithm or hashes.SHA1()
         key = (serial, algorithm.name)
         item = self._cache.get(key)
+        if item is not None:
+            await self.catch_up()   # one indexed read; the fast path in answer() does not come here
+            item = self._cache.get(key)
         if item is None or self._stale(item):
             der = await self._authority.ocsp_response(serial, hash_algorithm=algorithm)
             resp = x509_ocsp.load_der_ocsp_response(der)
