@@ -37,7 +37,8 @@ DEADLINE_S = 10.0        # per revocation and channel: not visible by then count
 SPACING_S = 0.3          # between revocations
 
 
-async def _observe(http_url: str, request_der: bytes, serial: int, deadline: float) -> dict[str, float]:
+async def _observe(http_url: str, request_der: bytes, serial: int, deadline: float,
+                   channels: set[str]) -> dict[str, float]:
     seen: dict[str, float] = {}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE_S)) as session:
         async def ocsp() -> None:
@@ -59,7 +60,7 @@ async def _observe(http_url: str, request_der: bytes, serial: int, deadline: flo
                     return
                 await asyncio.sleep(POLL_S)
 
-        await asyncio.gather(ocsp(), crl())
+        await asyncio.gather(*([ocsp()] if "ocsp" in channels else []), *([crl()] if "crl" in channels else []))
     return seen
 
 
@@ -69,7 +70,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run(work: Path, quick: bool) -> list[Figure]:
-    count, samples = (1_000, 5) if quick else (100_000, 30)
+    count, samples = (1_000, 6) if quick else (100_000, 40)
     startup_deadline = 60.0 if quick else 900.0
     home = init_ca(work / "fig6")
     serials = seed(home / "iomtca.db", count, count // 100, (home / "issuing.pem").read_bytes())
@@ -91,7 +92,10 @@ def run(work: Path, quick: bool) -> list[Figure]:
                 done_at = watcher.wait_for(last, None, startup_deadline)
                 startup = (done_at - started) if done_at else None
                 time.sleep(1.0)  # let the last publications and the gateway's first CRL settle
-                for serial in chosen:
+                for i, serial in enumerate(chosen):
+                    # a /crl request makes the server catch up with the store at once, which would
+                    # speed up the other channels: /crl is measured on revocations of its own
+                    channels = {"ocsp", "mqtt"} if i % 2 == 0 else {"crl"}
                     hexs = format(serial, "x")
                     watcher.watch(hexs)
                     watcher.wait_for(hexs, "good", 10)
@@ -103,9 +107,11 @@ def run(work: Path, quick: bool) -> list[Figure]:
                     subprocess.run([IOMTCA, "cert", "revoke", hexs, "--dir", str(home), "--reason",
                                     "keyCompromise"], check=True, stdout=subprocess.DEVNULL, timeout=60)
                     t0 = time.monotonic()
-                    seen = asyncio.run(_observe(http_url, request_der, serial, t0 + DEADLINE_S))
-                    seen["mqtt"] = watcher.wait_for(hexs, "revoked", max(0.0, t0 + DEADLINE_S - time.monotonic()))
-                    for channel in latency:
+                    seen = asyncio.run(_observe(http_url, request_der, serial, t0 + DEADLINE_S, channels))
+                    if "mqtt" in channels:
+                        seen["mqtt"] = watcher.wait_for(hexs, "revoked",
+                                                        max(0.0, t0 + DEADLINE_S - time.monotonic()))
+                    for channel in channels:
                         at = seen.get(channel)
                         if at is None:
                             timeouts[channel] += 1
@@ -123,13 +129,15 @@ def run(work: Path, quick: bool) -> list[Figure]:
                     f"gateway start-up publication of {count:,} responses not finished within {startup_deadline:.0f} s "
                     f"(measured anyway, while it went on)")
     base_note = (f"{count:,} certificates ({count // 100:,} revoked, so the CRL has {count // 100:,}+ entries); "
-                 f"{samples} revocations by `iomtca cert revoke` (subprocess), {SPACING_S} s apart; latency from the "
-                 f"CLI returning")
+                 f"{samples} revocations by `iomtca cert revoke` (subprocess), {SPACING_S} s apart, half measuring "
+                 f"OCSP and MQTT, half /crl; latency from the CLI returning")
     names = {"ocsp": ("OCSP answer from the server", f"polled every {POLL_S * 1000:.0f} ms (resolution), the "
                       "same request asked once before the revocation (its good answer cached, as for a relying "
                       "party that asked before); the server's status follower polls the store every 250 ms"),
-             "crl": ("/crl from the server", f"polled every {POLL_S * 1000:.0f} ms (resolution); the CRL is "
-                     "re-signed by the status follower"),
+             "crl": ("/crl from the server", f"polled every {POLL_S * 1000:.0f} ms (resolution); a /crl request "
+                     "makes the server catch up with the store's status changes (one indexed read), so this is "
+                     "bounded by how often /crl is asked, not by the 250 ms follower; measured on every other "
+                     "revocation, the others measure OCSP and MQTT without /crl requests"),
              "mqtt": ("retained MQTT OCSP message", "subscriber time of arrival (no polling); the gateway "
                       "long-polls the CA's status-change feed, then fetches and publishes the response; "
                       + startup_note)}
@@ -141,7 +149,7 @@ def run(work: Path, quick: bool) -> list[Figure]:
         figures.append(Figure(
             6, f"Revocation latency to {label}, {count:,} certificates (p99 ms)", round(max(p99, 0.1), 1), None,
             "ms", "none (absolute bar)", "p99 < 1 s", met, "python -m bench.run --only 6",
-            notes=f"p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {max(values):.0f} ms ({early[channel]} of {samples} "
+            notes=f"p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {max(values):.0f} ms ({early[channel]} of {len(values)} "
                   f"already visible when the CLI returned, counted as 0 to {POLL_S * 1000:.0f} ms); {how}; {base_note}"
                   + (f"; {timeouts[channel]} not visible within {DEADLINE_S:.0f} s" if timeouts[channel] else ""),
             miss="" if met else MISS,
