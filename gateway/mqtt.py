@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
 import urllib.parse
 from dataclasses import dataclass
 from typing import Callable
@@ -89,6 +90,7 @@ class MQTTLink:
     async def start(self, *, wait: bool = False, timeout: float = 10) -> None:
         """Connect (retrying in the background if the broker is not there yet)."""
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self._session_expiry
         self._client.connect_async(self._host, self._port, keepalive=30, clean_start=False, properties=props)
@@ -176,6 +178,8 @@ class MQTTLink:
         self._loop.call_soon_threadsafe(self._attach, sock)
 
     def _attach(self, sock) -> None:
+        if sock.fileno() < 0:  # closed again before the loop got to it
+            return
         self._sock = sock
         self._loop.add_reader(sock, self._read)
         if self._client.want_write():
@@ -188,8 +192,17 @@ class MQTTLink:
     def _write(self) -> None:
         self._client.loop_write()
 
+    def _on_loop(self, fn, *args) -> None:
+        """Run `fn` on the loop's thread. paho calls back from the executor thread too, inside
+        `reconnect()`; a selector changed from two threads at once loses registrations (it once
+        failed with "FD is already registered")."""
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            self._loop.call_soon_threadsafe(fn, *args)
+
     def _on_socket_close(self, client, userdata, sock) -> None:
-        self._detach(sock)
+        self._on_loop(self._detach, sock)
 
     def _detach(self, sock) -> None:
         if sock is None:
@@ -211,12 +224,19 @@ class MQTTLink:
         self.connected.clear()
 
     def _on_register_write(self, client, userdata, sock) -> None:
-        if self._sock is sock:
+        self._on_loop(self._register_write, sock)
+
+    def _register_write(self, sock) -> None:
+        if self._sock is sock and sock.fileno() >= 0:
             self._loop.add_writer(sock, self._write)
 
     def _on_unregister_write(self, client, userdata, sock) -> None:
+        self._on_loop(self._unregister_write, sock)
+
+    def _unregister_write(self, sock) -> None:
         if self._sock is sock:
-            self._loop.remove_writer(sock)
+            with contextlib.suppress(ValueError):
+                self._loop.remove_writer(sock)
 
     async def _misc_loop(self) -> None:
         while self._client.loop_misc() == paho.MQTT_ERR_SUCCESS:
