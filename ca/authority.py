@@ -456,16 +456,37 @@ class Authority:
     # -- publication: CRL and OCSP -----------------------------------------
 
     async def crl(self) -> bytes:
-        """A freshly signed CRL (DER) with the next CRL number."""
+        """A freshly signed CRL (DER) with the next CRL number, kept as the latest."""
         now = self._clock()
         async with self.store.write() as tx:
             number = await tx.next_crl_number()
+            covers = await tx.last_status_change()
         # read after the number is taken: a higher number never lists an older state
         async with self.store.read() as tx:
             entries = await tx.crl_entries(now)
-        return await asyncio.to_thread(
+        der = await asyncio.to_thread(
             crl_mod.build_crl, issuer_cert=self.issuer.certificate, signer=self.issuer.signer, entries=entries,
             number=number, this_update=now, next_update=now + self.config.crl_next_update)
+        async with self.store.write() as tx:
+            await tx.store_crl(der, number, covers)
+        return der
+
+    async def current_crl(self, *, refresh_at: float = 0.5) -> bytes:
+        """The CRL to publish: the latest one signed, by this process or another serving the same
+        CA, while it covers every status change and is younger than `refresh_at` of its validity;
+        otherwise a new one. Several server workers so publish one series whose numbers only rise."""
+        async with self.store.read() as tx:
+            latest = await tx.latest_crl()
+            last_change = await tx.last_status_change()
+        if latest is not None:
+            der, _, covers = latest
+            crl = x509.load_der_x509_crl(der)
+            this_update, next_update = crl.last_update_utc, crl.next_update_utc
+            if covers >= last_change and self._clock() < this_update + (next_update - this_update) * refresh_at:
+                return der
+        await self.crl()
+        async with self.store.read() as tx:
+            return (await tx.latest_crl())[0]  # the highest number, ours or a faster process's
 
     async def responder(self) -> OCSPResponder:
         """The delegated OCSP responder, rotated once 2/3 of its lifetime has passed."""

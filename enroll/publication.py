@@ -130,7 +130,7 @@ class Publisher:
             await self.catch_up()
         async with self._crl_lock:
             if force or self._crl is None or self._stale(self._crl):
-                der = await self._authority.crl()
+                der = await self._authority.current_crl()
                 crl = x509.load_der_x509_crl(der)
                 self._crl = Published(der, crl.last_update_utc, crl.next_update_utc)
             return self._crl

@@ -52,6 +52,10 @@ class Tx(Protocol):
         """The DER revokedCertificates entries (RFC 5280 5.1.2.6) of revocations in force whose
         certificates have not expired, oldest first."""
     async def next_crl_number(self) -> int: ...
+    async def latest_crl(self) -> tuple[bytes, int, int] | None:
+        """(DER, CRL number, last status change it covers) of the highest-numbered CRL stored."""
+    async def store_crl(self, der: bytes, number: int, covers_change: int) -> None:
+        """Keep this CRL as the latest unless one with a higher number is stored already."""
     async def status_changes_after(self, after_id: int, limit: int = 1000) -> list[tuple[int, int]]: ...
     async def last_status_change(self) -> int: ...
     # relayed requests: (device, request id) -> serial of the certificate it produced

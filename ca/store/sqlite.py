@@ -162,6 +162,14 @@ MIGRATIONS: list[str] = [
     ALTER TABLE revocations ADD COLUMN not_after TEXT;
     UPDATE revocations SET not_after = (SELECT c.not_after FROM certificates c WHERE c.serial = revocations.serial);
     """,
+    # 6: the latest CRL signed, with its number and the last status change it covers, so that
+    # every process serving the CA (server workers) publishes the same CRL and the numbers a
+    # client sees never go down.
+    """
+    ALTER TABLE crl_state ADD COLUMN der BLOB;
+    ALTER TABLE crl_state ADD COLUMN der_number INTEGER;
+    ALTER TABLE crl_state ADD COLUMN covers_change INTEGER;
+    """,
 ]
 
 _DEVICE_COLUMNS = ("id, model, owner, location, criticality, firmware, manufacturer, serial_number, "
@@ -418,6 +426,15 @@ class SQLiteTx:
         return [entry if entry is not None else
                 crl.encode_entry(Revocation(int(serial, 16), _REASONS[reason], from_rfc3339(at)))
                 for entry, serial, reason, at in rows]
+
+    async def latest_crl(self):
+        row = await self._one("SELECT der, der_number, covers_change FROM crl_state WHERE id = 1")
+        return None if row is None or row[0] is None else (bytes(row[0]), row[1], row[2])
+
+    async def store_crl(self, der, number, covers_change) -> None:
+        await self._c.execute("UPDATE crl_state SET der = ?, der_number = ?, covers_change = ? "
+                              "WHERE id = 1 AND (der_number IS NULL OR der_number < ?)",
+                              (der, number, covers_change, number))
 
     async def next_crl_number(self) -> int:
         await self._c.execute("UPDATE crl_state SET number = number + 1 WHERE id = 1")

@@ -160,3 +160,28 @@ async def test_coroutines_that_find_the_responder_due_at_once_rotate_it_once(aut
     found = await asyncio.gather(*(authority.responder() for _ in range(5)))
     assert len({r.certificate.serial_number for r in found}) == 1
     assert len([c for c in await authority.certificates() if c.profile == "ocsp"]) == 2
+
+
+async def test_processes_serving_one_ca_publish_one_crl_series(ca_home, clock):
+    """Two Authorities over one CA directory, as two server workers: after a revocation either may
+    sign first, the other publishes that same CRL, and the numbers a client sees never go down."""
+    from ca.model import RevocationReason as R
+    async with await Authority.open(ca_home, clock=clock) as a, await Authority.open(ca_home, clock=clock) as b:
+        await a.registry.add(new_device("pump-1", model="m", owner="o"), actor="t")
+        issued = await a.enroll("pump-1", make_csr()[0], OperatorAuth("t"))
+        first_a, first_b = await a.current_crl(), await b.current_crl()
+        assert first_a == first_b
+        await b.revoke(issued.serial, R.keyCompromise, actor="t")
+        after_a, after_b = await a.current_crl(), await b.current_crl()
+        assert after_a == after_b  # b found a's CRL covers the revocation and did not sign its own
+        crl = x509.load_der_x509_crl(after_b)
+        assert crl.get_revoked_certificate_by_serial_number(issued.serial) is not None
+        numbers = [x509.load_der_x509_crl(d).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+                   for d in (first_a, after_a)]
+        assert numbers[1] > numbers[0]
+        clock.advance(hours=13)  # past half of a 24 h CRL: a new one, again shared
+        later_b, later_a = await b.current_crl(), await a.current_crl()
+        assert later_a == later_b != after_a
+        # an explicit signing (iomtca crl) beats a lower number signed in the meantime
+        explicit = await a.crl()
+        assert await b.current_crl() == explicit
