@@ -73,23 +73,22 @@ def init_ca(home: Path, **config_extra) -> Path:
     return home
 
 
-class Server:
-    """`iomtca serve` on free loopback ports, stopped by its own pid."""
+class Service:
+    """A long-running command, ready once its first line on stdout contains `ready`; stopped by its pid."""
 
-    def __init__(self, home: Path, http_port: int | None = None) -> None:
-        self.home = home
-        self.est_port = free_port()
-        self.http_port = http_port or free_port()
+    ready = ""
+
+    def __init__(self, argv: list[str], log_path: Path, what: str) -> None:
+        self.argv, self.log_path, self.what = argv, log_path, what
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "Server":
-        self.log = open(self.home / "bench-serve.log", "w")
-        self.proc = subprocess.Popen([IOMTCA, "serve", "--dir", str(self.home), "--listen",
-                                      f"127.0.0.1:{self.est_port}", "--http-listen", f"127.0.0.1:{self.http_port}"],
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
-        line = _readline(self.proc, 60)
-        if "listening" not in line:
-            raise RuntimeError(f"server did not start: {line!r}")
+    def __enter__(self):
+        self.log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        line = readline(self.proc, 60)
+        if self.ready not in line:
+            self.__exit__()
+            raise RuntimeError(f"{self.what} did not start: {line!r}; see {self.log_path}")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -101,7 +100,24 @@ class Server:
         return self.proc.pid
 
 
-def _readline(proc: subprocess.Popen, timeout: float) -> str:
+class Server(Service):
+    """`iomtca serve` on free loopback ports (with `workers`, that many worker processes)."""
+
+    ready = "listening"
+
+    def __init__(self, home: Path, http_port: int | None = None, workers: int | None = None) -> None:
+        self.home = home
+        self.est_port = free_port()
+        self.http_port = http_port or free_port()
+        argv = [IOMTCA, "serve", "--dir", str(home), "--listen", f"127.0.0.1:{self.est_port}",
+                "--http-listen", f"127.0.0.1:{self.http_port}"]
+        if workers is not None:
+            argv += ["--workers", str(workers)]
+        super().__init__(argv, home / "bench-serve.log", "iomtca serve")
+
+
+def readline(proc: subprocess.Popen, timeout: float) -> str:
+    """The process's next stdout line, or "" after `timeout` seconds."""
     out: list[str] = []
     t = threading.Thread(target=lambda: out.append(proc.stdout.readline()), daemon=True)
     t.start()

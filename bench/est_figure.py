@@ -17,7 +17,6 @@ import base64
 import json
 import os
 import re
-import signal
 import socket
 import ssl
 import statistics
@@ -32,7 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
-from .common import IOMTCA, Figure, env_passphrase, free_port, init_ca, make_csr
+from .common import Figure, Server, env_passphrase, free_port, init_ca, make_csr, stop
 
 NUMBERS = (2, 3)
 CLIENTS = 8
@@ -80,28 +79,11 @@ end
 
 # -- processes ------------------------------------------------------------------------------------
 
-class Serve:
-    """`iomtca serve --workers N` on free loopback ports, stopped by its own pid."""
+class Serve(Server):
+    """`iomtca serve --workers N`, whose worker pids the CPU accounting needs."""
 
     def __init__(self, home: Path, workers: int) -> None:
-        self.home, self.workers = home, workers
-        self.est_port, self.http_port = free_port(), free_port()
-
-    def __enter__(self) -> "Serve":
-        self.log = open(self.home / "bench-serve.log", "a")
-        self.proc = subprocess.Popen(
-            [IOMTCA, "serve", "--dir", str(self.home), "--listen", f"127.0.0.1:{self.est_port}",
-             "--http-listen", f"127.0.0.1:{self.http_port}", "--workers", str(self.workers)],
-            stdout=subprocess.PIPE, stderr=self.log, text=True)
-        line = _readline(self.proc, 60)
-        if "listening" not in line:
-            self.__exit__()
-            raise RuntimeError(f"iomtca serve did not start: {line!r}; see {self.home / 'bench-serve.log'}")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _stop(self.proc)
-        self.log.close()
+        super().__init__(home, workers=workers)
 
     def server_pids(self) -> list[int]:
         return [self.proc.pid, *self.worker_pids()]
@@ -134,24 +116,6 @@ def _ms(values: list[float]) -> str:
 
 def _rates(runs: list[dict]) -> str:
     return ", ".join(f"{r['rate']:.0f}" for r in runs)
-
-
-def _readline(proc: subprocess.Popen, timeout: float) -> str:
-    out: list[str] = []
-    t = threading.Thread(target=lambda: out.append(proc.stdout.readline()), daemon=True)
-    t.start()
-    t.join(timeout)
-    return out[0] if out else ""
-
-
-def _stop(proc: subprocess.Popen | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 15) -> None:
@@ -302,7 +266,7 @@ def figure2(home: Path, work: Path, seconds: float, runs: int, workers: int, qui
                 cfssl_runs.append(result)
             after = _count_certs(home, "enr")
     finally:
-        _stop(cfssl)
+        stop(cfssl)
         cfssl_log.close()
         cfssl_key.unlink(missing_ok=True)
     good = sum(r["good"] for r in ours_runs)
@@ -522,7 +486,7 @@ def figure3(home: Path, work: Path, seconds: float, runs: int, workers: int, dev
                 single_runs.append(_s_time(s_ports[:1], devs[0], root, 1 if quick else seconds, 1))
     finally:
         for proc in s_servers:
-            _stop(proc)
+            stop(proc)
         s_log.close()
         server_key.unlink(missing_ok=True)
     problems = [f"run {i + 1}: {r['bad']} failed requests" for i, r in enumerate(ours_runs) if r["bad"]]

@@ -15,7 +15,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from cryptography.x509 import ocsp
 
-from .common import IOMTCA, Server, _readline, free_port, stop
+from .common import IOMTCA, Server, Service, free_port, stop
 
 TOPIC_ROOT = "iomt/v1"
 
@@ -63,34 +63,18 @@ class Broker:
         return self.proc.pid
 
 
-class Gateway:
+class Gateway(Service):
     """`iomtca gateway` against a Server and a Broker, ready once it printed its connected line."""
 
+    ready = "connected"
+
     def __init__(self, home: Path, broker: Broker, server: Server, *, publish_pki: bool = True) -> None:
-        self.argv = [IOMTCA, "gateway", "--dir", str(home), "--broker", broker.url,
-                     "--ca", f"https://127.0.0.1:{server.est_port}", "--client-id", "bench-gateway"]
+        argv = [IOMTCA, "gateway", "--dir", str(home), "--broker", broker.url,
+                "--ca", f"https://127.0.0.1:{server.est_port}", "--client-id", "bench-gateway"]
         if not publish_pki:
-            self.argv.append("--no-publish-pki")
+            argv.append("--no-publish-pki")
         self.home = home
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "Gateway":
-        self.log = open(self.home / "bench-gateway.log", "w")
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        line = _readline(self.proc, 60)
-        if "connected" not in line:
-            stop(self.proc)
-            self.log.close()
-            raise RuntimeError(f"gateway did not start: {line!r} {(self.home / 'bench-gateway.log').read_text()[-800:]}")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        stop(self.proc)
-        self.log.close()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+        super().__init__(argv, home / "bench-gateway.log", "iomtca gateway")
 
 
 def status_of(der: bytes) -> str | None:
