@@ -196,9 +196,11 @@ class MQTTLink:
         """Run `fn` on the loop's thread. paho calls back from the executor thread too, inside
         `reconnect()`; a selector changed from two threads at once loses registrations (it once
         failed with "FD is already registered")."""
-        if threading.get_ident() == self._loop_thread:
+        if threading.get_ident() == self._loop_thread and not self._loop.is_closed():
             fn(*args)
-        else:
+            return
+        # paho's __del__ may call back after the loop is closed: then nothing is left to unregister
+        with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(fn, *args)
 
     def _on_socket_close(self, client, userdata, sock) -> None:
