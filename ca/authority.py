@@ -275,17 +275,18 @@ class Authority:
         prof = self.config.profile(profile)
         serial = await self._fresh_serial(tx)
         cert = await self._signing(
-            issue_device_certificate, csr, device, prof, self.issuer, trust_domain=self.config.trust_domain,
+            self.issuer.signer, issue_device_certificate, csr, device, prof, self.issuer, trust_domain=self.config.trust_domain,
             serial=serial, now=now, lifetime=self.config.device_lifetime(device, prof.name), checked_key=key)
         await self._persist(tx, cert, device.id, prof.name, now, who, action,
                             extra={"renews": serial_hex(renews)} if renews else None)
         log.info("%s device=%s serial=%s profile=%s", action, device.id, serial_hex(serial), prof.name)
         return Issued(cert, self.issuer.chain, device.id, prof.name)
 
-    async def _signing(self, fn, *args, **kwargs):
-        """Run a build-and-sign: in a thread for a slow (RSA) CA key, which must not stall the loop;
-        inline otherwise, where the hop to a thread would cost more than the signature."""
-        if self.issuer.signer.slow:
+    @staticmethod
+    async def _signing(signer, fn, *args, **kwargs):
+        """Run a build-and-sign with `signer`: in a thread for a slow (RSA) key, which must not stall
+        the loop; inline otherwise, where the hop to a thread would cost more than the signature."""
+        if signer.slow:
             return await asyncio.to_thread(fn, *args, **kwargs)
         return fn(*args, **kwargs)
 
@@ -313,7 +314,8 @@ class Authority:
         prof = self.config.profile(profile)
         async with self.store.write() as tx:
             serial = await self._fresh_serial(tx)
-            cert = await self._signing(build_certificate, public_key=public_key, subject=subject, sans=sans,
+            cert = await self._signing(self.issuer.signer, build_certificate, public_key=public_key,
+                                       subject=subject, sans=sans,
                                        profile=prof, issuer=self.issuer, serial=serial, now=now)
             await self._persist(tx, cert, None, prof.name, now, actor, "certificate_issued")
         log.info("issued service certificate profile=%s serial=%s", prof.name, serial_hex(serial))
@@ -510,8 +512,8 @@ class Authority:
         now = self._clock()
         responder = await self.responder()
         answer = await self.ocsp_answer(serial)
-        return await asyncio.to_thread(
-            ocsp_mod.build_response, serial=serial, answer=answer, issuer_cert=self.issuer.certificate,
+        return await self._signing(
+            responder.signer, ocsp_mod.build_response, serial=serial, answer=answer, issuer_cert=self.issuer.certificate,
             responder_cert=responder.certificate, responder_signer=responder.signer,
             this_update=now, next_update=now + self.config.ocsp_validity,
             hash_algorithm=hash_algorithm, nonce=nonce)

@@ -266,6 +266,27 @@ def test_ocsp_by_serial(srv, ca, tools, enrolled):
     assert "Response verify OK" in text and f"{enrolled.cert_path}: good" in text, text
 
 
+def test_ocsp_in_batches(srv, ca, tools, enrolled):
+    """What the gateway's sweep fetches: many serials' responses in one request, each judged by openssl."""
+    unknown = "7" * 30
+    reply = call(srv, "POST", "/ra/v1/ocsp", {"serials": [enrolled.serial_hex, unknown]})
+    assert reply.status == 200, reply
+    responses = reply.json()["responses"]
+    assert set(responses) == {enrolled.serial_hex, unknown}
+    resp = ca.write("ra-ocsp-batch.der", base64.b64decode(responses[enrolled.serial_hex]))
+    out = tools.run(["openssl", "ocsp", "-respin", resp, "-issuer", ca.issuing, "-cert", enrolled.cert_path,
+                     "-no_nonce", "-VAfile", ca.ocsp_cert, "-CAfile", ca.chain])
+    text = out.stdout + out.stderr
+    assert "Response verify OK" in text and f"{enrolled.cert_path}: good" in text, text
+    from cryptography.x509 import ocsp
+    other = ocsp.load_der_ocsp_response(base64.b64decode(responses[unknown]))
+    assert other.certificate_status is ocsp.OCSPCertStatus.UNKNOWN
+    for body in ({"serials": []}, {"serials": "ab"}, {"serials": [12]}, {"serials": ["xyz"]},
+                 {"serials": ["a"] * 1001}, {}):
+        json_error(call(srv, "POST", "/ra/v1/ocsp", body), 400, "bad_request")
+    json_error(call(srv, "POST", "/ra/v1/ocsp", {"serials": ["ab"]}, client=None), 403, "policy_violation")
+
+
 def test_cacerts_and_csrattrs(srv, ca):
     certs = call(srv, "GET", "/ra/v1/cacerts").json()["certs"]
     got = {x509.load_der_x509_certificate(base64.b64decode(c)) for c in certs}
