@@ -7,6 +7,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -114,6 +115,25 @@ class Server(Service):
         if workers is not None:
             argv += ["--workers", str(workers)]
         super().__init__(argv, home / "bench-serve.log", "iomtca serve")
+
+
+def start_listener(argv: list[str], log_path: Path, port: int, what: str,
+                   timeout: float = 15) -> tuple[subprocess.Popen, object]:
+    """Start a server whose output says nothing useful (cfssl, mosquitto): it is ready once it
+    accepts a TCP connection on `port`. Returns the process and its open log file."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=log)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc, log
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop(proc)
+                log.close()
+                raise RuntimeError(f"{what} did not start: {log_path.read_text()[-500:]}") from None
+            time.sleep(0.02)
 
 
 def readline(proc: subprocess.Popen, timeout: float) -> str:

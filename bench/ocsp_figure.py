@@ -15,7 +15,6 @@ import asyncio
 import base64
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from cryptography.x509 import ocsp
 from ca import ocsp as ocsp_mod
 from ca.keystore import load_private_key_pem
 
-from .common import Figure, Server, env_passphrase, free_port, init_ca, stop
+from .common import Figure, Server, env_passphrase, free_port, init_ca, start_listener, stop
 from .seed import seed
 
 NUMBERS = (4,)
@@ -189,21 +188,10 @@ class Cfssl:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "Cfssl":
-        self.log = open(self.responses.with_suffix(".log"), "w")
-        self.proc = subprocess.Popen(["cfssl", "ocspserve", "-address", "127.0.0.1", "-port", str(self.port),
-                                      "-responses", str(self.responses), "-loglevel", "2"],
-                                     stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.__exit__()
-                    raise RuntimeError(f"cfssl ocspserve did not start: "
-                                       f"{self.responses.with_suffix('.log').read_text()[-500:]}") from None
-                time.sleep(0.05)
+        self.proc, self.log = start_listener(
+            ["cfssl", "ocspserve", "-address", "127.0.0.1", "-port", str(self.port), "-responses",
+             str(self.responses), "-loglevel", "2"], self.responses.with_suffix(".log"), self.port, "cfssl ocspserve")
+        return self
 
     def __exit__(self, *exc) -> None:
         stop(self.proc)

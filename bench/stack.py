@@ -4,7 +4,6 @@ deadline. Load stays on 127.0.0.1."""
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 import subprocess
 import threading
@@ -15,7 +14,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from cryptography.x509 import ocsp
 
-from .common import IOMTCA, Server, Service, free_port, stop
+from .common import IOMTCA, Server, Service, free_port, start_listener, stop
 
 TOPIC_ROOT = "iomt/v1"
 
@@ -36,19 +35,9 @@ class Broker:
         if os.geteuid() == 0:
             lines.append("user root")
         conf.write_text("\n".join(lines) + "\n")
-        self.log = open(self.work / "mosquitto.log", "w")
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    stop(self.proc)
-                    self.log.close()
-                    raise RuntimeError(f"mosquitto did not start: {(self.work / 'mosquitto.log').read_text()[-500:]}")
-                time.sleep(0.02)
+        self.proc, self.log = start_listener(["mosquitto", "-c", str(conf)], self.work / "mosquitto.log",
+                                             self.port, "mosquitto", timeout=10)
+        return self
 
     def __exit__(self, *exc) -> None:
         stop(self.proc)
