@@ -117,23 +117,42 @@ class Server(Service):
         super().__init__(argv, home / "bench-serve.log", "iomtca serve")
 
 
-def start_listener(argv: list[str], log_path: Path, port: int, what: str,
-                   timeout: float = 15) -> tuple[subprocess.Popen, object]:
-    """Start a server whose output says nothing useful (cfssl, mosquitto): it is ready once it
-    accepts a TCP connection on `port`. Returns the process and its open log file."""
-    log = open(log_path, "w")
-    proc = subprocess.Popen(argv, stdout=log, stderr=log)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return proc, log
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop(proc)
-                log.close()
-                raise RuntimeError(f"{what} did not start: {log_path.read_text()[-500:]}") from None
-            time.sleep(0.02)
+class Listener:
+    """A server whose output says nothing useful (cfssl, mosquitto) on a free loopback port: ready
+    once the port accepts a TCP connection, stopped by its pid."""
+
+    scheme = "http"
+    timeout = 15.0
+
+    def __init__(self, argv: list[str], port: int, log_path: Path, what: str) -> None:
+        self.argv, self.port, self.log_path, self.what = argv, port, log_path, what
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self):
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__()
+                    raise RuntimeError(f"{self.what} did not start: {self.log_path.read_text()[-500:]}") from None
+                time.sleep(0.02)
+
+    def __exit__(self, *exc) -> None:
+        stop(self.proc)
+        self.log.close()
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
 
 def readline(proc: subprocess.Popen, timeout: float) -> str:

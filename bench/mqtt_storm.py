@@ -24,7 +24,6 @@ import json
 import os
 import resource
 import secrets
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -45,7 +44,8 @@ from firmware_sim.est_client import make_csr
 from firmware_sim.mqtt_client import b64
 from gateway.service import WORKERS
 
-from .common import IOMTCA, Figure, Server, free_port, init_ca, stop
+from . import stack
+from .common import Figure, Server, init_ca, stop
 from .mqtt_load import ROOT, Client, connect_all
 
 NUMBERS = (7, 8)
@@ -54,68 +54,12 @@ BAR_SECONDS = 10.0
 
 
 # -- processes -------------------------------------------------------------------------------
-class Broker:
-    """Our own mosquitto on a free loopback port, stopped by its pid."""
+class Gateway(stack.Gateway):
+    """`iomtca gateway` whose durable store the storms read to know what it has recorded."""
 
-    def __init__(self, work: Path) -> None:
-        work.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "set_tcp_nodelay true",
-                 "persistence false",
-                 # per client: QoS 1 messages queued for an offline session (default 1,000, then
-                 # dropped silently) and in flight to an online one (default 20: the gateway's
-                 # single subscription would receive 20 requests per round trip)
-                 "max_queued_messages 1000000", "max_inflight_messages 1000",
-                 f"log_dest file {work / 'mosquitto.log'}", "log_type error", "log_type warning"]
-        if os.geteuid() == 0:
-            lines.append("user root")
-        self.conf = work / "mosquitto.conf"
-        self.conf.write_text("\n".join(lines) + "\n")
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "Broker":
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return self
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    stop(self.proc)
-                    raise RuntimeError(f"mosquitto did not start on {self.port}")
-                time.sleep(0.02)
-
-    def __exit__(self, *exc) -> None:
-        stop(self.proc)
-
-
-class Gateway:
-    """`iomtca gateway` against our broker and server; ready once it says it is connected."""
-
-    def __init__(self, home: Path, broker: Broker, server: Server) -> None:
-        self.argv = [IOMTCA, "gateway", "--dir", str(home), "--broker", f"mqtt://127.0.0.1:{broker.port}",
-                     "--ca", f"https://127.0.0.1:{server.est_port}", "--client-id", "bench-gw"]
-        self.log_path = home / "bench-gateway.log"
+    def __init__(self, home: Path, broker: stack.Broker, server: Server) -> None:
+        super().__init__(home, broker, server)
         self.db = home / "gateway.db"
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "Gateway":
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        out: list[str] = []
-        t = threading.Thread(target=lambda: out.append(self.proc.stdout.readline()), daemon=True)
-        t.start()
-        t.join(30)
-        if not out or "connected" not in out[0]:
-            self.__exit__()
-            raise RuntimeError(f"gateway did not connect: {out}; see {self.log_path}")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        stop(self.proc)
-        self.log.close()
 
     def count(self, sql: str) -> int:
         conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5)
@@ -435,7 +379,7 @@ def run(work: Path, quick: bool) -> list[Figure]:
     prep7 = time.monotonic() - t0
     enroll_payloads = {d.id: d.payload for d in devices}
     r: dict = {"devices": n, "fd_limit": fd_limit}
-    with Broker(work / "fig78-broker") as broker, Server(home) as server, Gateway(home, broker, server) as gw:
+    with stack.Broker(work / "fig78-broker") as broker, Server(home) as server, Gateway(home, broker, server) as gw:
         pids = {"server": server.pid, "gateway": gw.proc.pid, "mosquitto": broker.proc.pid, "generator": os.getpid()}
         with Profile("fig7", {"server": server.pid, "gateway": gw.proc.pid}):
             r["ours7"] = asyncio.run(enrollment_storm(devices, broker.port, limit, pids))
@@ -456,7 +400,7 @@ def run(work: Path, quick: bool) -> list[Figure]:
     size = r["ours7"]["answer_bytes"] or 1500
     for d in devices:  # the same requests again, for the bare broker
         d.reset("simpleenroll", "e1", enroll_payloads[d.id])
-    with Broker(work / "fig7-baseline") as broker:
+    with stack.Broker(work / "fig7-baseline") as broker:
         echo = echo_responder(broker.port, size, limit * 2)
         try:
             r["base7"] = asyncio.run(enrollment_storm(devices, broker.port, limit,
@@ -466,7 +410,7 @@ def run(work: Path, quick: bool) -> list[Figure]:
             stop(echo)
     for d in enrolled:
         d.reset("simplereenroll", "r1", b"")
-    with Broker(work / "fig8-baseline") as broker:
+    with stack.Broker(work / "fig8-baseline") as broker:
         asyncio.run(queue_in_broker(enrolled, broker.port, size, limit))
         r["base8"] = asyncio.run(reconnect_storm(enrolled, broker.port, limit, None,
                                                  {"mosquitto": broker.proc.pid, "generator": os.getpid()}))

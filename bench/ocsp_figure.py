@@ -32,7 +32,7 @@ from cryptography.x509 import ocsp
 from ca import ocsp as ocsp_mod
 from ca.keystore import load_private_key_pem
 
-from .common import Figure, Server, env_passphrase, free_port, init_ca, start_listener, stop
+from .common import Figure, Listener, Server, env_passphrase, free_port, init_ca
 from .seed import seed
 
 NUMBERS = (4,)
@@ -179,27 +179,13 @@ def wrk(base: str, path: str, method: str, seconds: float, bodies_file: Path, sc
     return parse_wrk(out.stdout, min_bytes, what)
 
 
-class Cfssl:
+class Cfssl(Listener):
     """`cfssl ocspserve` on loopback, serving a file of pre-signed responses (base64 DER, one a line)."""
 
     def __init__(self, responses: Path) -> None:
-        self.port = free_port()
-        self.responses = responses
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "Cfssl":
-        self.proc, self.log = start_listener(
-            ["cfssl", "ocspserve", "-address", "127.0.0.1", "-port", str(self.port), "-responses",
-             str(self.responses), "-loglevel", "2"], self.responses.with_suffix(".log"), self.port, "cfssl ocspserve")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        stop(self.proc)
-        self.log.close()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        port = free_port()
+        super().__init__(["cfssl", "ocspserve", "-address", "127.0.0.1", "-port", str(port), "-responses",
+                          str(responses), "-loglevel", "2"], port, responses.with_suffix(".log"), "cfssl ocspserve")
 
 
 def cfssl_get_works(url: str, body: bytes) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
 import threading
 import time
 from datetime import datetime, timezone
@@ -14,42 +13,33 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from cryptography.x509 import ocsp
 
-from .common import IOMTCA, Server, Service, free_port, start_listener, stop
+from .common import IOMTCA, Listener, Server, Service, free_port
 
 TOPIC_ROOT = "iomt/v1"
 
 
-class Broker:
-    """mosquitto on a free loopback port with its own config (no persistence: retained messages in memory)."""
+class Broker(Listener):
+    """mosquitto on a free loopback port with its own config (no persistence: retained messages in
+    memory), sized for a storm of devices as docs/GATEWAY.md recommends."""
+
+    scheme = "mqtt"
+    timeout = 10.0
 
     def __init__(self, work: Path) -> None:
-        self.work = work
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> "Broker":
-        self.work.mkdir(parents=True, exist_ok=True)
-        conf = self.work / "mosquitto.conf"
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "set_tcp_nodelay true",
-                 "max_queued_messages 200000", "log_dest stderr", "log_type error", "log_type warning"]
+        work.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "set_tcp_nodelay true", "persistence false",
+                 # per client: QoS 1 messages queued for an offline session (default 1,000, then
+                 # dropped silently) and in flight to an online one (default 20: the gateway's
+                 # single subscription would receive 20 requests per round trip)
+                 "max_queued_messages 1000000", "max_inflight_messages 1000",
+                 "log_dest stderr", "log_type error", "log_type warning"]
         if os.geteuid() == 0:
             lines.append("user root")
+        conf = work / "mosquitto.conf"
         conf.write_text("\n".join(lines) + "\n")
-        self.proc, self.log = start_listener(["mosquitto", "-c", str(conf)], self.work / "mosquitto.log",
-                                             self.port, "mosquitto", timeout=10)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        stop(self.proc)
-        self.log.close()
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
+        self.work = work
+        super().__init__(["mosquitto", "-c", str(conf)], port, work / "mosquitto.log", "mosquitto")
 
 
 class Gateway(Service):
