@@ -26,14 +26,14 @@ def seed(db: Path, count: int, revoked: int, der: bytes) -> list[int]:
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS), "run iomtca init first"
     with conn:
         conn.executemany(
-            "INSERT INTO devices (id, model, owner, status, created_at, last_seen) VALUES (?, 'bench', 'bench', "
+            "INSERT INTO devices (id, model, owner, status, created_at, last_proven_contact) VALUES (?, 'bench', 'bench', "
             "'active', ?, ?)", ((f"bench-{i:06d}", ts(now), ts(now)) for i in range(count)))
         conn.executemany(
             "INSERT INTO certificates (serial, device_id, profile, not_before, not_after, der, status, created_at) "
             "VALUES (?, ?, 'device', ?, ?, ?, ?, ?)",
             ((format(s, "x"), f"bench-{i:06d}", ts(now - timedelta(minutes=5)), ts(now + timedelta(days=3)), der,
               "revoked" if i < revoked else "good", ts(now)) for i, s in enumerate(serials)))
-        # as Tx.revoke stores them: with the encoded CRL entry and the certificate's notAfter
+        # as Tx.change_status stores them: with the encoded CRL entry and the certificate's notAfter
         conn.executemany(
             "INSERT INTO revocations (serial, reason, revoked_at, entry, not_after) VALUES (?, 1, ?, ?, ?)",
             ((format(s, "x"), ts(now), encode_entry(Revocation(s, RevocationReason.keyCompromise, now)),

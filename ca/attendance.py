@@ -1,19 +1,21 @@
 """Non-attendance: devices away longer than their period lose their certificates to a hold
 (certificateHold), and get them back when they return with good posture.
 
-High-criticality devices are flagged, not held, unless configured otherwise: a
-life-sustaining device must not lose its identity silently. Both functions run
-inside the caller's write transaction.
+Only proven contact counts as attendance (a renewal, a signed posture, a mutual-TLS request:
+`Device.last_proven_contact`); an unsigned presence message is a report, not a return. High-
+criticality devices are flagged, not held, unless configured otherwise: a life-sustaining device
+must not lose its identity silently. Both functions run inside the caller's write transaction
+and change statuses only through `ca.status`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from . import policy
+from . import policy, status
 from .config import CAConfig
 from .errors import PostureError
-from .model import AuditEvent, CertStatus, Criticality, Device, RevocationReason, serial_hex
+from .model import AuditEvent, CertStatus, Criticality, Device, serial_hex
 from .store import Tx
 
 ACTOR = "system:attendance"
@@ -32,28 +34,28 @@ async def hold_absent(tx: Tx, config: CAConfig, now: datetime) -> AttendanceRepo
         return report
     for device in await tx.absent_devices(now - min(periods)):
         period = config.non_attendance_for(device)
-        seen = device.last_seen or device.created_at
+        seen = device.last_proven_contact or device.created_at
         if period is None or seen >= now - period:
             continue
         if device.criticality is Criticality.HIGH and not config.attendance.hold_high_criticality:
             if await tx.flag_absent(device.id, now):
                 await tx.append_audit(AuditEvent("device_absent_flagged", ACTOR, device_id=device.id,
-                                                 detail={"last_seen": seen.isoformat()}), now)
+                                                 detail={"last_proven_contact": seen.isoformat()}), now)
                 report.flagged.append(device.id)
             continue
         for record in await tx.list_certificates(device.id):
-            if record.status is CertStatus.GOOD and record.not_after > now:
-                await tx.revoke(record.serial, RevocationReason.certificateHold, now)
-                await tx.add_attendance_hold(record.serial, device.id, now)
+            if record.status is CertStatus.GOOD and record.not_after > now and \
+                    await status.hold_absent(tx, record, now):
                 await tx.append_audit(AuditEvent("certificate_held_absent", ACTOR, device_id=device.id,
                                                  serial=record.serial,
-                                                 detail={"last_seen": seen.isoformat()}), now)
+                                                 detail={"last_proven_contact": seen.isoformat()}), now)
                 report.held.setdefault(device.id, []).append(record.serial)
     return report
 
 
 async def release_returned(tx: Tx, config: CAConfig, device: Device, now: datetime) -> list[int]:
-    """The device is back: clear its flag and, if configured and its posture passes, lift its holds."""
+    """The device proved it is back: clear its flag and, if configured and its posture passes, lift
+    the non-attendance holds still in force (never a revocation, never an operator's hold)."""
     if await tx.clear_absent_flag(device.id):
         await tx.append_audit(AuditEvent("device_returned", ACTOR, device_id=device.id), now)
     serials = await tx.attendance_holds(device.id)
@@ -63,11 +65,13 @@ async def release_returned(tx: Tx, config: CAConfig, device: Device, now: dateti
         policy.posture_ok(device, config.min_firmware_for(device))
     except PostureError:
         return []
+    released = []
     for serial in serials:
-        await tx.release(serial, now)
-        await tx.append_audit(AuditEvent("certificate_released", ACTOR, device_id=device.id, serial=serial,
-                                         detail={"why": "device returned"}), now)
-    return serials
+        if await status.release_absent(tx, serial, now):
+            await tx.append_audit(AuditEvent("certificate_released", ACTOR, device_id=device.id, serial=serial,
+                                             detail={"why": "device returned"}), now)
+            released.append(serial)
+    return released
 
 
 def describe(report: AttendanceReport) -> str:

@@ -16,7 +16,7 @@ from typing import Callable
 from cryptography import x509
 from cryptography.x509 import ocsp as x509_ocsp
 
-from . import attendance
+from . import attendance, idevid, proof, status
 from . import crl as crl_mod
 from . import policy
 from . import ocsp as ocsp_mod
@@ -25,14 +25,14 @@ from .config import CAConfig, CAPaths, load_config
 from .credentials import (CertificateAuth, Credential, IDevIDAuth, OperatorAuth, SignedRequestAuth, TokenAuth,
                           actor, operator)
 from .errors import (BadRequestError, CAError, NotFoundError, PendingApprovalError, PolicyViolationError,
-                     UnauthorizedError, UnknownDeviceError)
+                     SupersededError, UnauthorizedError, UnknownDeviceError)
 from .issuance import IssuerContext, build_certificate, issue_device_certificate, new_serial, proven_key
 from .keystore import load_cert, load_private_key, read_passphrase
 from .model import (AuditEvent, CertRecord, CertStatus, Device, DeviceStatus, Issued, RevocationReason,
                     serial_hex)
 from .ocsp_signer import OCSPResponder, load_or_rotate_responder
 from .ratelimit import FailureLimiter
-from .registry import Registry, find_token
+from .registry import Registry, edited_fields, find_token
 from .signer import KeySigner
 from .store import Store, Tx
 from .store.sqlite import SQLiteStore
@@ -128,7 +128,7 @@ class Authority:
                 if isinstance(credential, TokenAuth):
                     token = await self._token(tx, device_id, credential.secret, now)
                 elif isinstance(credential, IDevIDAuth):
-                    self._check_idevid(device, credential)
+                    idevid.check(device, credential)
                 if not isinstance(credential, OperatorAuth):
                     await self._approval(tx, device, now, who)
                 issued = await self._issue(tx, csr, device, profile, now, who, "certificate_issued", key=key)
@@ -136,6 +136,8 @@ class Authority:
                     await tx.record_request_result(device_id, request_id, issued.serial, now)
                 if token is not None:
                     await tx.mark_token_used(token.id, now)
+                if not isinstance(credential, OperatorAuth):
+                    await tx.record_proven_contact(device_id, now)   # the device itself was here
                 await tx.clear_approval(device_id)
         except PendingApprovalError:
             await self._record_pending(device_id, now, who)
@@ -163,7 +165,7 @@ class Authority:
                 if isinstance(credential, TokenAuth):
                     await self._token(tx, device_id, credential.secret, now)
                 else:
-                    self._check_idevid(device, credential)
+                    idevid.check(device, credential)
         except CAError as exc:
             await self._audit_refusal(now, who, device_id, exc)
             raise
@@ -174,12 +176,14 @@ class Authority:
 
         `device_id` is the device the request claims to be (the MQTT topic) or None (EST, where
         the certificate alone names the device). The certificate may have expired less than the
-        renewal grace period ago; a revoked or held one is refused.
+        renewal grace period ago; a revoked, held or superseded one is refused. A proven renewal
+        counts as attendance even when it is refused for another reason (posture, key policy).
         """
         now = self._clock()
         cert = credential.certificate
         who = f"device:{device_id or 'unknown'}"
         known = device_id  # the device named by the request, or by the certificate once found
+        proven = None
         try:
             if isinstance(credential, SignedRequestAuth):
                 policy.signed_recently(credential.signing_time, now)
@@ -187,28 +191,78 @@ class Authority:
             async with self.store.write() as tx:
                 if device_id and (earlier := await self._earlier_result(tx, device_id, request_id)) is not None:
                     return earlier
+                proven = await proof.prove(tx, self.config, self.issuer.certificate, cert, device_id, now)
+                device = proven.device
+                known, who = device.id, f"device:{device.id}"
+                await proof.count_contact(tx, self.config, proven, now)
+                device = await tx.get_device(device.id)
                 record = await tx.get_certificate(cert.serial_number)
-                device = await tx.get_device(record.device_id) if record and record.device_id else None
-                if known is None and device is not None:
-                    known, who = device.id, f"device:{device.id}"
-                if device is not None and record.status is CertStatus.HOLD:
-                    # a device held for being away may be released by coming back
-                    if record.serial in await attendance.release_returned(tx, self.config, device, now):
-                        record = await tx.get_certificate(cert.serial_number)
-                grace = self.config.renewal_grace_for(device) if device else timedelta(0)
-                record = policy.renewal_allowed(record, cert, self.issuer.certificate, now, grace)
-                policy.same_device(record, device_id)
-                device_id, who = record.device_id, f"device:{record.device_id}"
-                policy.device_active(device)
                 policy.posture_ok(device, self.config.min_firmware_for(device))
+                policy.not_revoked(record)  # still on a non-attendance hold: release_on_return is off
                 issued = await self._issue(tx, csr, device, record.profile, now, who, "certificate_renewed",
                                            renews=record.serial, key=key)
                 if request_id is not None:
-                    await tx.record_request_result(device_id, request_id, issued.serial, now)
+                    await tx.record_request_result(device.id, request_id, issued.serial, now)
+        except SupersededError as exc:
+            await self._clone_suspected(now, who, exc)
+            raise
         except CAError as exc:
-            await self._audit_refusal(now, who, known or "unknown", exc, action="renew_refused")
+            await self._audit_refusal(now, who, known or "unknown", exc, action="renew_refused",
+                                      contact=proven)
             raise
         return issued
+
+    async def prove_posture(self, device_id: str | None, posture: dict, credential: CertificateAuth,
+                            *, request_id: str | None = None) -> tuple[Device, list[int]]:
+        """A posture the device proves with its current certificate (a CMS-signed `req/posture`, or
+        mutual TLS on `POST /iomt/v1/posture`): the firmware it names becomes the firmware the
+        renewal gate reads, and the contact counts as attendance (which may lift a non-attendance
+        hold). Returns the device as updated and the serials released."""
+        now = self._clock()
+        who = f"device:{device_id or 'unknown'}"
+        known = device_id
+        try:
+            firmware = policy.posture_firmware(posture)
+            signed_at = None
+            if isinstance(credential, SignedRequestAuth):
+                policy.signed_recently(credential.signing_time, now)
+                signed_at = credential.signing_time
+            async with self.store.write() as tx:
+                proven = await proof.prove(tx, self.config, self.issuer.certificate, credential.certificate,
+                                           device_id, now)
+                device = proven.device
+                known, who = device.id, f"device:{device.id}"
+                if signed_at is not None and device.posture_signed_at is not None \
+                        and signed_at < device.posture_signed_at:
+                    raise UnauthorizedError(
+                        f"posture signed at {signed_at.isoformat()} is older than the last one accepted for "
+                        f"device {device.id} ({device.posture_signed_at.isoformat()}): replayed")
+                if firmware is not None:
+                    await tx.set_firmware(device.id, firmware, signed_at)
+                    if firmware != device.firmware:
+                        await tx.append_audit(AuditEvent("firmware_changed", who, device_id=device.id,
+                                                         serial=proven.record.serial,
+                                                         detail={"from": device.firmware, "to": firmware,
+                                                                 "proof": _proof_name(credential)}), now)
+                released = await proof.count_contact(tx, self.config, proven, now)
+                updated = await tx.get_device(device.id)
+        except SupersededError as exc:
+            await self._clone_suspected(now, who, exc)
+            raise
+        except CAError as exc:
+            await self._audit_refusal(now, who, known or "unknown", exc, action="posture_refused")
+            raise
+        log.info("posture proven device=%s firmware=%s released=%d request=%s", updated.id, updated.firmware,
+                 len(released), request_id)
+        return updated, released
+
+    async def _clone_suspected(self, now: datetime, who: str, exc: SupersededError) -> None:
+        async with self.store.write() as tx:
+            await tx.flag_clone(exc.device_id, now)
+            await tx.append_audit(AuditEvent("clone_suspected", who, device_id=exc.device_id, serial=exc.serial,
+                                             detail={"newer": serial_hex(exc.newer), "reason": exc.message}), now)
+        log.warning("clone suspected device=%s serial=%s newer=%s", exc.device_id, serial_hex(exc.serial),
+                    serial_hex(exc.newer))
 
     async def _earlier_result(self, tx: Tx, device_id: str, request_id: str | None) -> Issued | None:
         if request_id is None:
@@ -224,21 +278,8 @@ class Authority:
 
     async def device_for_idevid(self, credential: IDevIDAuth) -> str:
         """The registered device an IDevID names: its subject serialNumber is the device's serial number."""
-        serial = _idevid_serial(credential.certificate)
         async with self.store.read() as tx:
-            matches = [d for d in await tx.list_devices()
-                       if d.serial_number == serial and _same_maker(d.manufacturer, credential.manufacturer)]
-        if len(matches) != 1:
-            raise UnknownDeviceError(
-                f"no single registered device has serial number {serial!r} from {credential.manufacturer}"
-                if not matches else f"several devices have serial number {serial!r}; set their manufacturer")
-        return matches[0].id
-
-    def _check_idevid(self, device: Device, credential: IDevIDAuth) -> None:
-        serial = _idevid_serial(credential.certificate)
-        if device.serial_number != serial or not _same_maker(device.manufacturer, credential.manufacturer):
-            raise UnauthorizedError(f"the IDevID certificate ({credential.manufacturer}, serial number "
-                                    f"{serial!r}) does not belong to device {device.id}")
+            return idevid.device_for(await tx.list_devices(), credential)
 
     async def _device(self, tx: Tx, device_id: str) -> Device:
         device = await tx.get_device(device_id)
@@ -301,8 +342,10 @@ class Authority:
                                                  "not_after": cert.not_valid_after_utc.isoformat()}), now)
 
     async def _audit_refusal(self, now: datetime, actor: str, device_id: str, exc: CAError,
-                             action: str = "enroll_refused") -> None:
+                             action: str = "enroll_refused", contact: proof.Proven | None = None) -> None:
         async with self.store.write() as tx:
+            if contact is not None:  # the device proved itself before the refusal: it was here
+                await proof.count_contact(tx, self.config, contact, now)
             await tx.append_audit(AuditEvent(action, actor, device_id=device_id,
                                              detail={"code": exc.code, "reason": exc.message}), now)
         log.warning("enroll refused device=%s code=%s reason=%s", device_id, exc.code, exc.message)
@@ -342,11 +385,7 @@ class Authority:
                 raise PolicyViolationError(
                     f"certificate {serial_hex(serial)} is the {record.profile} certificate; CA certificates "
                     "are revoked by replacing the CA (iomtca init), not on the issuing CA's CRL")
-            if record.status is CertStatus.REVOKED:
-                raise PolicyViolationError(f"certificate {serial_hex(serial)} is already revoked")
-            if record.status is CertStatus.HOLD and reason is RevocationReason.certificateHold:
-                raise PolicyViolationError(f"certificate {serial_hex(serial)} is already on hold")
-            await tx.revoke(serial, reason, now)
+            await status.revoke(tx, record, reason, now)
             await tx.append_audit(AuditEvent("certificate_revoked", actor, device_id=record.device_id,
                                              serial=serial, detail={"reason": reason.name}), now)
             updated = await tx.get_certificate(serial)
@@ -361,10 +400,7 @@ class Authority:
         now = self._clock()
         async with self.store.write() as tx:
             record = await self._certificate(tx, serial)
-            if record.status is not CertStatus.HOLD:
-                raise PolicyViolationError(
-                    f"certificate {serial_hex(serial)} is {record.status.value}, not on hold; only a hold can be released")
-            await tx.release(serial, now)
+            await status.release(tx, record, now)
             await tx.append_audit(AuditEvent("certificate_released", actor, device_id=record.device_id,
                                              serial=serial), now)
             updated = await tx.get_certificate(serial)
@@ -383,7 +419,7 @@ class Authority:
                 raise PolicyViolationError(f"device {device_id} is already decommissioned")
             for record in await tx.list_certificates(device_id):
                 if record.status is not CertStatus.REVOKED and record.not_after > now:
-                    await tx.revoke(record.serial, RevocationReason.cessationOfOperation, now)
+                    await status.revoke(tx, record, RevocationReason.cessationOfOperation, now)
                     revoked.append(record.serial)
             burned = await tx.burn_tokens(device_id, now)
             await tx.set_device_status(device_id, DeviceStatus.DECOMMISSIONED)
@@ -406,16 +442,21 @@ class Authority:
         async with self.store.read() as tx:
             return await tx.pending_approvals()
 
-    async def record_presence(self, device_id: str, *, online: bool) -> list[int]:
-        """A device was seen (MQTT presence): update last seen; a returning device may get its
-        attendance holds lifted. Returns the serials released."""
-        now = self._clock()
+    async def record_presence(self, device_id: str, *, online: bool) -> None:
+        """An unsigned presence message (MQTT): kept as "reported online/offline", shown as
+        unverified. It changes no trust: no attendance, no hold lifted, no audit entry."""
         async with self.store.write() as tx:
-            device = await self._device(tx, device_id)
-            await tx.touch_device(device_id, now)
-            released = await attendance.release_returned(tx, self.config, device, now) if online else []
-        log.debug("presence device=%s online=%s released=%d", device_id, online, len(released))
-        return released
+            if not await tx.record_reported(device_id, self._clock(), online=online):
+                raise UnknownDeviceError(f"device {device_id} is not registered")
+        log.debug("reported presence device=%s online=%s", device_id, online)
+
+    async def record_reported_posture(self, device_id: str, posture: dict) -> None:
+        """An unsigned posture message (MQTT): kept as "reported firmware", shown as unverified.
+        The firmware the renewal gate reads changes only by a proven posture or an operator."""
+        firmware = policy.posture_firmware(posture)
+        async with self.store.write() as tx:
+            if not await tx.record_reported(device_id, self._clock(), firmware=firmware):
+                raise UnknownDeviceError(f"device {device_id} is not registered")
 
     async def enforce_attendance(self) -> attendance.AttendanceReport:
         """Hold the certificates of devices away longer than their non-attendance period."""
@@ -426,19 +467,20 @@ class Authority:
             log.warning("attendance: %s", attendance.describe(report))
         return report
 
-    async def record_posture(self, device_id: str, posture: dict) -> list[int]:
-        """A posture report: firmware (and model) the device says it runs; firmware changes are audited."""
-        firmware = posture.get("firmware")
-        if firmware is not None and (not isinstance(firmware, str) or not 0 < len(firmware) <= 64):
-            raise BadRequestError("posture firmware must be a string of 1 to 64 characters")
+    async def edit_device(self, device_id: str, changes: dict[str, str], *, actor: str) -> Device:
+        """An operator corrects a device's registry entry (firmware, location, owner...). Values are
+        validated as at registration; the audit entry lists each field's old and new value."""
         now = self._clock()
         async with self.store.write() as tx:
             device = await self._device(tx, device_id)
-            await tx.touch_device(device_id, now, firmware)
-            if firmware is not None and firmware != device.firmware:
-                await tx.append_audit(AuditEvent("firmware_changed", f"device:{device_id}", device_id=device_id,
-                                                 detail={"from": device.firmware, "to": firmware}), now)
-            return await attendance.release_returned(tx, self.config, await tx.get_device(device_id), now)
+            fields = edited_fields(device, changes)
+            if not fields:
+                raise BadRequestError("nothing to change: give at least one field with a new value")
+            await tx.update_device(device_id, fields)
+            await tx.append_audit(AuditEvent(
+                "device_edited", actor, device_id=device_id,
+                detail={name: {"from": getattr(device, name), "to": value} for name, value in fields.items()}), now)
+            return await tx.get_device(device_id)
 
     async def status_changes(self, after_id: int) -> list[tuple[int, int]]:
         """(change id, serial) of revocations, holds and releases after `after_id`, oldest first."""
@@ -557,13 +599,5 @@ class Authority:
         return await self.registry.list()
 
 
-def _idevid_serial(cert: x509.Certificate) -> str:
-    """IEEE 802.1AR: the IDevID subject carries the device's serialNumber attribute."""
-    values = cert.subject.get_attributes_for_oid(x509.NameOID.SERIAL_NUMBER)
-    if not values:
-        raise UnauthorizedError("the IDevID certificate has no serialNumber in its subject")
-    return str(values[0].value)
-
-
-def _same_maker(registered: str, manufacturer: str) -> bool:
-    return not registered or registered.casefold() == manufacturer.casefold()
+def _proof_name(credential: CertificateAuth) -> str:
+    return "cms" if isinstance(credential, SignedRequestAuth) else "mtls"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -63,3 +64,20 @@ def cert_pem(cert: x509.Certificate) -> bytes:
 
 def cert_der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
+
+
+MAX_POSTURE_BYTES = 16 * 1024
+
+
+def posture_json(data: bytes) -> dict:
+    """A posture document (the content of a signed posture, or a mutual-TLS posture body): a JSON
+    object such as {"firmware": "2.4.1", "model": "..."}, at most 16 KiB."""
+    if len(data) > MAX_POSTURE_BYTES:
+        raise BadRequestError(f"posture is {len(data)} bytes, over the {MAX_POSTURE_BYTES}-byte limit")
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequestError(f"posture is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadRequestError("posture must be a JSON object such as {\"firmware\": \"2.4.1\"}")
+    return value

@@ -45,6 +45,15 @@ class TokenUsedError(UnauthorizedError):
     pass
 
 
+class SupersededError(UnauthorizedError):
+    """A request signed with a certificate older than one its device has used since: a clone, or a
+    device restored from an old backup. Audited as `clone_suspected`."""
+
+    def __init__(self, message: str, *, serial: int, newer: int, device_id: str) -> None:
+        super().__init__(message)
+        self.serial, self.newer, self.device_id = serial, newer, device_id
+
+
 class UnknownDeviceError(CAError):
     code = "unknown_device"
 

@@ -121,7 +121,17 @@ class Device:
     asset_tag: str = ""
     status: DeviceStatus = DeviceStatus.ACTIVE
     created_at: datetime | None = None
-    last_seen: datetime | None = None
+    # Proven: the device showed its current key (renewal, signed posture, mutual TLS). Attendance
+    # and the firmware gate read only these and `firmware` (proven, or set by an operator).
+    last_proven_contact: datetime | None = None
+    posture_signed_at: datetime | None = None     # signingTime of the newest signed posture accepted
+    # Reported: unsigned MQTT presence and posture, shown as unverified, never trusted.
+    reported_online: bool | None = None
+    reported_online_at: datetime | None = None
+    reported_firmware: str = ""
+    reported_posture_at: datetime | None = None
+    # A renewal was signed with a certificate older than one the device has used since.
+    clone_suspected_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import AttributeOID
 
-from .errors import (KeyPolicyError, PolicyViolationError, PostureError, ProofOfPossessionError, RevokedError,
+from .errors import (BadRequestError, KeyPolicyError, PolicyViolationError, PostureError, ProofOfPossessionError, RevokedError,
                      UnauthorizedError)
 from .model import CertRecord, CertStatus, Device, DeviceStatus, serial_hex, spiffe_id
 from .profiles import Profile
@@ -92,10 +92,9 @@ def csr_names_this_device(csr: x509.CertificateSigningRequest, device: Device, t
 SIGNING_TIME_WINDOW = timedelta(minutes=10)
 
 
-def renewal_allowed(record: CertRecord | None, cert: x509.Certificate, issuer_cert: x509.Certificate,
-                    now: datetime, grace: timedelta) -> CertRecord:
-    """The presented certificate may authenticate a renewal: ours, on file, not revoked,
-    and valid or expired for less than `grace` (devices come back from long offline windows)."""
+def certificate_on_file(record: CertRecord | None, cert: x509.Certificate, issuer_cert: x509.Certificate) -> CertRecord:
+    """The presented certificate is ours: signed by this issuing CA, on file byte for byte, and a
+    device certificate. Says nothing yet of its status or validity."""
     try:
         cert.verify_directly_issued_by(issuer_cert)
     except (ValueError, TypeError, InvalidSignature):
@@ -104,16 +103,33 @@ def renewal_allowed(record: CertRecord | None, cert: x509.Certificate, issuer_ce
         raise UnauthorizedError(f"certificate {serial_hex(cert.serial_number)} is not on file at this CA")
     if record.device_id is None:
         raise UnauthorizedError("the presented certificate is not a device certificate")
+    return record
+
+
+def not_revoked(record: CertRecord) -> None:
     if record.status is CertStatus.REVOKED:
         raise RevokedError(f"certificate {serial_hex(record.serial)} is revoked ({record.reason.name})")
     if record.status is CertStatus.HOLD:
         raise RevokedError(f"certificate {serial_hex(record.serial)} is on hold; ask an engineer to release it")
+
+
+def within_validity(record: CertRecord, now: datetime, grace: timedelta) -> None:
+    """Valid now, or expired for less than `grace` (devices come back from long offline windows)."""
     if now < record.not_before:
         raise UnauthorizedError(f"certificate {serial_hex(record.serial)} is not valid yet")
     if now > record.not_after + grace:
         raise UnauthorizedError(
             f"certificate {serial_hex(record.serial)} expired at {record.not_after.isoformat()}, more than "
             f"{grace} ago (the renewal grace period); enroll again with a new token")
+
+
+def renewal_allowed(record: CertRecord | None, cert: x509.Certificate, issuer_cert: x509.Certificate,
+                    now: datetime, grace: timedelta) -> CertRecord:
+    """The presented certificate may authenticate a renewal: ours, on file, not revoked or held,
+    and valid or expired for less than `grace`."""
+    record = certificate_on_file(record, cert, issuer_cert)
+    not_revoked(record)
+    within_validity(record, now, grace)
     return record
 
 
@@ -145,6 +161,17 @@ def channel_bound(csr: x509.CertificateSigningRequest, expected: str) -> None:
                                 "(the CSR was made for another connection)")
 
 
+def posture_firmware(posture: object) -> str | None:
+    """The firmware a posture JSON object names (None when it names none)."""
+    if not isinstance(posture, dict):
+        raise BadRequestError("posture must be a JSON object such as {\"firmware\": \"2.4.1\"}")
+    firmware = posture.get("firmware")
+    if firmware is not None and (not isinstance(firmware, str) or not 0 < len(firmware) <= 64
+                                 or not firmware.isprintable()):
+        raise BadRequestError("posture firmware must be a printable string of 1 to 64 characters")
+    return firmware
+
+
 def version_key(version: str) -> tuple:
     """Firmware versions compare part by part, numbers as numbers: 2.10.0 > 2.9.1."""
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-+_ ]", version.strip()) if p)
@@ -156,4 +183,4 @@ def posture_ok(device: Device, min_firmware: str | None) -> None:
         return
     if not device.firmware or version_key(device.firmware) < version_key(min_firmware):
         raise PostureError(f"device {device.id} runs firmware {device.firmware or 'unknown'}, below the minimum "
-                           f"{min_firmware} for {device.model}; update the firmware, report posture, then renew")
+                           f"{min_firmware} for {device.model}; update the firmware, send a signed posture, then renew")

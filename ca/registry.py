@@ -46,6 +46,34 @@ def new_device(
         udi_di=udi_di, udi_pi=udi_pi, asset_tag=asset_tag.strip())
 
 
+EDITABLE = ("model", "owner", "location", "criticality", "firmware", "manufacturer", "serial_number", "udi",
+            "asset_tag")
+
+
+def edited_fields(device: Device, changes: dict[str, str]) -> dict[str, str]:
+    """The registry columns an operator's edit changes, validated as at registration ("udi" is
+    parsed into its DI and PI); fields whose value stays the same are left out."""
+    unknown = set(changes) - set(EDITABLE)
+    if unknown:
+        raise BadRequestError(f"cannot edit {', '.join(sorted(unknown))}; editable: {', '.join(EDITABLE)}")
+    values = {k: v.strip() for k, v in changes.items() if v is not None}
+    for required in ("model", "owner"):
+        if required in values and not values[required]:
+            raise BadRequestError(f"{required} cannot be empty")
+    if "firmware" in values and (len(values["firmware"]) > 64 or not values["firmware"].isprintable()):
+        raise BadRequestError("firmware must be a printable string of at most 64 characters")
+    if "criticality" in values:
+        try:
+            values["criticality"] = Criticality(values["criticality"].lower()).value
+        except ValueError:
+            raise BadRequestError(f"criticality {values['criticality']!r} is not one of low, medium, high") from None
+    if "udi" in values:
+        values["udi_di"], values["udi_pi"] = parse_udi(values.pop("udi"))
+    current = {name: getattr(device, name) for name in values}
+    current = {k: (v.value if isinstance(v, Criticality) else v) for k, v in current.items()}
+    return {k: v for k, v in values.items() if current[k] != v}
+
+
 async def find_token(tx: Tx, device_id: str, secret: str, now: datetime) -> TokenRow:
     """The device's live token matching `secret`, or the reason it does not count."""
     offered = token_digest(secret)

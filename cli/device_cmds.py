@@ -55,6 +55,20 @@ def add_parsers(sub, common) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=show)
 
+    p = dsub.add_parser("edit", parents=[common], help="correct a device's registry entry (audited)")
+    p.add_argument("device_id", metavar="ID")
+    p.add_argument("--firmware", help="the firmware the device runs, e.g. after a technician updated it")
+    p.add_argument("--location")
+    p.add_argument("--owner")
+    p.add_argument("--criticality", choices=("low", "medium", "high"))
+    p.add_argument("--serial-number")
+    p.add_argument("--asset-tag")
+    p.add_argument("--udi", help="UDI as printed on the label")
+    p.add_argument("--manufacturer")
+    p.add_argument("--model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=edit)
+
     p = dsub.add_parser("token", parents=[common], help="make a fresh one-time token (burns older ones)")
     p.add_argument("device_id", metavar="ID")
     p.add_argument("--json", action="store_true")
@@ -156,16 +170,45 @@ async def import_csv(args) -> int:
     return 0
 
 
+def _ts(value: datetime | None) -> str | None:
+    return to_rfc3339(value) if value else None
+
+
+def _reported(d: Device) -> str:
+    """What unsigned MQTT messages said, for a table cell: labelled, never mixed with proven facts."""
+    parts = []
+    if d.reported_online is not None:
+        parts.append(f"{'online' if d.reported_online else 'offline'} {_ts(d.reported_online_at)}")
+    if d.reported_firmware:
+        parts.append(f"fw {d.reported_firmware}")
+    return f"{', '.join(parts)} (unverified)" if parts else ""
+
+
 def _device_json(d: Device, cert_expires: datetime | None) -> dict:
     return {
         "device_id": d.id, "model": d.model, "owner": d.owner, "location": d.location,
         "criticality": d.criticality.value, "firmware": d.firmware, "manufacturer": d.manufacturer,
         "serial_number": d.serial_number, "udi_di": d.udi_di, "udi_pi": d.udi_pi, "asset_tag": d.asset_tag,
         "status": d.status.value,
-        "created_at": to_rfc3339(d.created_at) if d.created_at else None,
-        "last_seen": to_rfc3339(d.last_seen) if d.last_seen else None,
-        "cert_not_after": to_rfc3339(cert_expires) if cert_expires else None,
+        "created_at": _ts(d.created_at),
+        # proven: a renewal, a signed posture or a mutual-TLS request with the device's current key
+        "last_proven_contact": _ts(d.last_proven_contact),
+        "posture_signed_at": _ts(d.posture_signed_at),
+        # reported by unsigned MQTT presence/posture: shown, never trusted
+        "reported_online": d.reported_online,
+        "reported_online_at": _ts(d.reported_online_at),
+        "reported_firmware": d.reported_firmware or None,
+        "reported_posture_at": _ts(d.reported_posture_at),
+        "clone_suspected_at": _ts(d.clone_suspected_at),
+        "cert_not_after": _ts(cert_expires),
     }
+
+
+# `device show` labels: what is unverified says so
+_LABELS = {"firmware": "firmware", "last_proven_contact": "last proven contact",
+           "reported_online": "reported online (unverified)", "reported_online_at": "reported at (unverified)",
+           "reported_firmware": "reported firmware (unverified)",
+           "reported_posture_at": "reported posture at (unverified)", "clone_suspected_at": "CLONE SUSPECTED at"}
 
 
 async def list_devices(args) -> int:
@@ -183,15 +226,18 @@ async def list_devices(args) -> int:
         expires = current.get(d.id)
         if expiring is not None and (expires is None or expires > now + expiring):
             continue
-        # never seen: count from registration
-        if offline is not None and (d.last_seen or d.created_at) > now - offline:
+        # never in proven contact: count from registration
+        if offline is not None and (d.last_proven_contact or d.created_at) > now - offline:
             continue
-        rows.append(_device_json(d, expires))
+        row = _device_json(d, expires)
+        row["reported"] = _reported(d)
+        row["clone"] = "SUSPECTED" if d.clone_suspected_at else ""
+        rows.append(row)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print_table(rows, ["device_id", "model", "owner", "location", "criticality", "status",
-                           "last_seen", "cert_not_after"])
+        print_table(rows, ["device_id", "model", "owner", "location", "criticality", "status", "firmware",
+                           "last_proven_contact", "reported", "clone", "cert_not_after"])
     return 0
 
 
@@ -209,9 +255,25 @@ async def show(args) -> int:
         return 0
     for key, value in info.items():
         if key != "certificates":
-            print(f"{key:15} {value if value not in (None, '') else '-'}")
+            print(f"{_LABELS.get(key, key):32} {value if value not in (None, '') else '-'}")
     print("certificates:")
     print_table(info["certificates"], ["serial", "not_after", "status"], indent="  ")
+    return 0
+
+
+async def edit(args) -> int:
+    changes = {name: getattr(args, name) for name in ("firmware", "location", "owner", "criticality",
+                                                      "serial_number", "asset_tag", "udi", "manufacturer", "model")
+               if getattr(args, name) is not None}
+    if not changes:
+        raise BadRequestError("nothing to change: give at least one of --firmware, --location, --owner, "
+                              "--criticality, --serial-number, --asset-tag, --udi, --manufacturer, --model")
+    async with await Authority.open(args.dir) as authority:
+        device = await authority.edit_device(args.device_id, changes, actor=f"operator:{operator().name}")
+    if args.json:
+        print(json.dumps(_device_json(device, None), indent=2))
+    else:
+        print(f"updated device {device.id}: {', '.join(sorted(changes))}")
     return 0
 
 

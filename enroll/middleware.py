@@ -1,7 +1,7 @@
 """The one map from CAError codes to HTTP answers, and the error middleware that applies it.
 
-EST and the CRL/OCSP endpoints answer in plain text; the RA API (paths under /ra/)
-answers JSON `{"code": ..., "message": ...}` so the gateway can relay the code.
+EST and the CRL/OCSP endpoints answer in plain text; the RA API (paths under /ra/) and the
+device API (/iomt/) answer JSON `{"code": ..., "message": ...}` so callers can act on the code.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ HTTP_STATUS = {
     "internal": 500,
 }
 REALM = 'Basic realm="iomt-ca EST", charset="UTF-8"'
+JSON_PATHS = ("/ra/", "/iomt/")
 
 
 def error_response(request: web.Request, exc: CAError) -> web.Response:
@@ -39,7 +40,7 @@ def error_response(request: web.Request, exc: CAError) -> web.Response:
         headers["WWW-Authenticate"] = REALM
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
-    if request.path.startswith("/ra/"):
+    if request.path.startswith(JSON_PATHS):
         body = json.dumps({"code": exc.code, "message": exc.message, "retry_after": exc.retry_after})
         return web.Response(status=status, text=body, content_type="application/json", headers=headers)
     return web.Response(status=status, text=exc.message + "\n", content_type="text/plain", headers=headers)
@@ -53,7 +54,7 @@ async def errors(request: web.Request, handler):
         log.info("refused %s %s from %s: %s %s", request.method, request.path, request.remote, exc.code, exc)
         return error_response(request, exc)
     except web.HTTPException as exc:
-        if request.path.startswith("/ra/") and exc.status >= 400:
+        if request.path.startswith(JSON_PATHS) and exc.status >= 400:
             # the RA API always answers JSON, whatever refused the request
             body = json.dumps({"code": "bad_request" if exc.status < 500 else "unavailable",
                                "message": (exc.text or exc.reason).strip(), "retry_after": None})

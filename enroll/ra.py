@@ -13,7 +13,7 @@ import json
 from aiohttp import web
 
 from ca import cms
-from ca.codec import b64decode_strict, cert_der, load_csr
+from ca.codec import b64decode_strict, cert_der, load_csr, posture_json
 from ca.credentials import CertificateAuth, SignedRequestAuth, TokenAuth
 from ca.errors import BadRequestError, CAError, PolicyViolationError
 from ca.model import CertStatus, Issued, check_device_id, parse_serial, serial_hex
@@ -119,17 +119,32 @@ async def simplereenroll(request: web.Request) -> web.Response:
 
 
 async def presence(request: web.Request) -> web.Response:
+    """An unsigned presence report: stored as reported, changes no trust."""
     body = await _json(request)
     online = body.get("online")
     if not isinstance(online, bool):
         raise BadRequestError("field 'online' must be true or false")
-    released = await request.app[AUTHORITY].record_presence(_device_id(request), online=online)
-    return web.json_response({"status": "ok", "released": [serial_hex(s) for s in released]})
+    await request.app[AUTHORITY].record_presence(_device_id(request), online=online)
+    return web.json_response({"status": "ok"})
+
+
+async def reported_posture(request: web.Request) -> web.Response:
+    """An unsigned posture report: stored as reported firmware, changes no trust."""
+    await request.app[AUTHORITY].record_reported_posture(_device_id(request), await _json(request))
+    return web.json_response({"status": "ok"})
 
 
 async def posture(request: web.Request) -> web.Response:
-    released = await request.app[AUTHORITY].record_posture(_device_id(request), await _json(request))
-    return web.json_response({"status": "ok", "released": [serial_hex(s) for s in released]})
+    """A signed posture (MQTT `req/posture`): CMS SignedData over the posture JSON, signed with the
+    device's current certificate; verified here end to end, like a renewal."""
+    device_id = _device_id(request)
+    body = await _json(request)
+    signed = cms.verify_signed_request(b64decode_strict(_field(body, "cms"), "cms"))
+    device, released = await request.app[AUTHORITY].prove_posture(
+        device_id, posture_json(signed.csr_der), SignedRequestAuth(signed.signer, signing_time=signed.signing_time),
+        request_id=_request_id(body))
+    return web.json_response({"status": "ok", "firmware": device.firmware,
+                              "released": [serial_hex(s) for s in released]})
 
 
 async def cacerts(request: web.Request) -> web.Response:
@@ -217,6 +232,7 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/ra/v1/devices/{device_id}/simplereenroll", simplereenroll)
     r.add_post("/ra/v1/devices/{device_id}/presence", presence)
     r.add_post("/ra/v1/devices/{device_id}/posture", posture)
+    r.add_post("/ra/v1/devices/{device_id}/reported-posture", reported_posture)
     r.add_get("/ra/v1/cacerts", cacerts)
     r.add_get("/ra/v1/csrattrs", csrattrs)
     r.add_get("/ra/v1/status-changes", status_changes)

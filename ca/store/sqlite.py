@@ -170,10 +170,53 @@ MIGRATIONS: list[str] = [
     ALTER TABLE crl_state ADD COLUMN der_number INTEGER;
     ALTER TABLE crl_state ADD COLUMN covers_change INTEGER;
     """,
+    # 7: the status state machine (ca/status.py) enforced by the store too. A non-attendance hold
+    # names the hold it placed (its revocations row), so only that same hold is ever lifted for
+    # attendance; rows left behind by holds that were revoked or released since are dropped. The
+    # triggers refuse, whatever SQL asks, to take a certificate out of revoked, to close a final
+    # revocation, or to bring a decommissioned device back.
+    """
+    ALTER TABLE attendance_holds ADD COLUMN revocation_id INTEGER REFERENCES revocations(id);
+    DELETE FROM attendance_holds WHERE serial NOT IN (SELECT serial FROM certificates WHERE status = 'hold');
+    UPDATE attendance_holds SET revocation_id = (
+        SELECT r.id FROM revocations r
+        WHERE r.serial = attendance_holds.serial AND r.released_at IS NULL AND r.reason = 6);
+    DELETE FROM attendance_holds WHERE revocation_id IS NULL;
+    CREATE TRIGGER revoked_is_final BEFORE UPDATE OF status ON certificates
+    WHEN OLD.status = 'revoked' AND NEW.status <> 'revoked'
+    BEGIN SELECT RAISE(ABORT, 'a revoked certificate stays revoked'); END;
+    CREATE TRIGGER revocation_is_final BEFORE UPDATE OF released_at ON revocations
+    WHEN OLD.reason <> 6 AND OLD.released_at IS NULL AND NEW.released_at IS NOT NULL
+    BEGIN SELECT RAISE(ABORT, 'only a certificateHold can be lifted'); END;
+    CREATE TRIGGER decommissioned_is_final BEFORE UPDATE OF status ON devices
+    WHEN OLD.status = 'decommissioned' AND NEW.status <> 'decommissioned'
+    BEGIN SELECT RAISE(ABORT, 'a decommissioned device stays decommissioned'); END;
+    """,
+    # 8: what a device proved apart from what it merely reported. `last_seen` was set by
+    # unauthenticated presence messages: it becomes the reported time. Proven contact starts from
+    # each device's newest certificate. `used_at`: when a certificate last proved its device
+    # (renewal, signed posture, mutual TLS), which is how an older certificate is known superseded.
+    """
+    ALTER TABLE devices RENAME COLUMN last_seen TO reported_online_at;
+    ALTER TABLE devices ADD COLUMN reported_online INTEGER;
+    ALTER TABLE devices ADD COLUMN reported_firmware TEXT NOT NULL DEFAULT '';
+    ALTER TABLE devices ADD COLUMN reported_posture_at TEXT;
+    ALTER TABLE devices ADD COLUMN last_proven_contact TEXT;
+    ALTER TABLE devices ADD COLUMN posture_signed_at TEXT;
+    ALTER TABLE devices ADD COLUMN clone_suspected_at TEXT;
+    UPDATE devices SET last_proven_contact = (
+        SELECT MAX(c.created_at) FROM certificates c WHERE c.device_id = devices.id);
+    ALTER TABLE certificates ADD COLUMN used_at TEXT;
+    """,
 ]
 
 _DEVICE_COLUMNS = ("id, model, owner, location, criticality, firmware, manufacturer, serial_number, "
-                   "udi_di, udi_pi, asset_tag, status, created_at, last_seen")
+                   "udi_di, udi_pi, asset_tag, status, created_at, last_proven_contact, reported_online, "
+                   "reported_online_at, reported_firmware, reported_posture_at, posture_signed_at, "
+                   "clone_suspected_at")
+# what `device edit` may change (operator input, validated by ca.registry first)
+_EDITABLE = frozenset({"model", "owner", "location", "criticality", "firmware", "manufacturer", "serial_number",
+                       "udi_di", "udi_pi", "asset_tag"})
 _CERT_SELECT = """
     SELECT c.serial, c.device_id, c.profile, c.not_before, c.not_after, c.der, c.status, c.created_at,
            r.revoked_at, r.reason
@@ -202,7 +245,10 @@ def _device(row) -> Device:
     return Device(
         id=row[0], model=row[1], owner=row[2], location=row[3], criticality=Criticality(row[4]),
         firmware=row[5], manufacturer=row[6], serial_number=row[7], udi_di=row[8], udi_pi=row[9],
-        asset_tag=row[10], status=DeviceStatus(row[11]), created_at=_dt(row[12]), last_seen=_dt(row[13]))
+        asset_tag=row[10], status=DeviceStatus(row[11]), created_at=_dt(row[12]), last_proven_contact=_dt(row[13]),
+        reported_online=None if row[14] is None else bool(row[14]), reported_online_at=_dt(row[15]),
+        reported_firmware=row[16], reported_posture_at=_dt(row[17]), posture_signed_at=_dt(row[18]),
+        clone_suspected_at=_dt(row[19]))
 
 
 def _cert(row) -> CertRecord:
@@ -264,10 +310,12 @@ class SQLiteTx:
 
     async def insert_device(self, d: Device) -> None:
         await self._c.execute(
-            f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT INTO devices ({_DEVICE_COLUMNS}) VALUES ({','.join('?' * 20)})",
             (d.id, d.model, d.owner, d.location, d.criticality.value, d.firmware, d.manufacturer,
              d.serial_number, d.udi_di, d.udi_pi, d.asset_tag, d.status.value, _ts(d.created_at),
-             _ts(d.last_seen)))
+             _ts(d.last_proven_contact), None if d.reported_online is None else int(d.reported_online),
+             _ts(d.reported_online_at), d.reported_firmware, _ts(d.reported_posture_at), _ts(d.posture_signed_at),
+             _ts(d.clone_suspected_at)))
 
     async def list_devices(self):
         return [_device(r) for r in await self._all(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY id")]
@@ -275,10 +323,34 @@ class SQLiteTx:
     async def set_device_status(self, device_id, status) -> None:
         await self._c.execute("UPDATE devices SET status = ? WHERE id = ?", (status.value, device_id))
 
-    async def touch_device(self, device_id, seen_at, firmware=None) -> None:
-        await self._c.execute(
-            "UPDATE devices SET last_seen = ?, firmware = COALESCE(?, firmware) WHERE id = ?",
-            (_ts(seen_at), firmware, device_id))
+    async def record_proven_contact(self, device_id, at) -> None:
+        await self._c.execute("UPDATE devices SET last_proven_contact = ? WHERE id = ?", (_ts(at), device_id))
+
+    async def set_firmware(self, device_id, firmware, signed_at=None) -> None:
+        await self._c.execute("UPDATE devices SET firmware = ?, posture_signed_at = COALESCE(?, posture_signed_at) "
+                              "WHERE id = ?", (firmware, _ts(signed_at), device_id))
+
+    async def record_reported(self, device_id, at, *, online=None, firmware=None) -> bool:
+        if online is not None:
+            cur = await self._c.execute("UPDATE devices SET reported_online = ?, reported_online_at = ? WHERE id = ?",
+                                        (int(online), _ts(at), device_id))
+        else:
+            cur = await self._c.execute(
+                "UPDATE devices SET reported_firmware = COALESCE(?, reported_firmware), reported_posture_at = ? "
+                "WHERE id = ?", (firmware, _ts(at), device_id))
+        return cur.rowcount == 1
+
+    async def update_device(self, device_id, changes) -> None:
+        unknown = set(changes) - _EDITABLE
+        if unknown:
+            raise ValueError(f"not editable: {', '.join(sorted(unknown))}")
+        if changes:
+            names = sorted(changes)
+            await self._c.execute(f"UPDATE devices SET {', '.join(f'{n} = ?' for n in names)} WHERE id = ?",
+                                  (*(changes[n] for n in names), device_id))
+
+    async def flag_clone(self, device_id, at) -> None:
+        await self._c.execute("UPDATE devices SET clone_suspected_at = ? WHERE id = ?", (_ts(at), device_id))
 
     # tokens
     async def insert_token(self, device_id, digest, created_at, expires_at) -> None:
@@ -331,26 +403,47 @@ class SQLiteTx:
             (_ts(now), after, limit))
         return [(_cert(r), r[10]) for r in rows]
 
-    async def revoke(self, serial, reason, at) -> None:
-        status = CertStatus.HOLD if reason is RevocationReason.certificateHold else CertStatus.REVOKED
+    async def change_status(self, serial, from_status, to_status, reason, at) -> bool:
         key = serial_hex(serial)
-        # A hold turned into a final revocation: the hold entry is closed first.
-        await self._c.execute("UPDATE revocations SET released_at = ? WHERE serial = ? AND released_at IS NULL",
-                              (_ts(at), key))
-        await self._c.execute(
-            "INSERT INTO revocations (serial, reason, revoked_at, entry, not_after) "
-            "SELECT ?, ?, ?, ?, not_after FROM certificates WHERE serial = ?",
-            (key, reason.value, _ts(at), crl.encode_entry(Revocation(serial, reason, at)), key))
-        await self._c.execute("UPDATE certificates SET status = ? WHERE serial = ?", (status.value, key))
+        # the guard: nothing changes unless the certificate is still in `from_status`
+        cur = await self._c.execute("UPDATE certificates SET status = ? WHERE serial = ? AND status = ?",
+                                    (to_status.value, key, from_status.value))
+        if cur.rowcount != 1:
+            return False
+        if from_status is CertStatus.HOLD:  # the hold's entry closes (lifted, or made final below)
+            await self._c.execute("UPDATE revocations SET released_at = ? WHERE serial = ? AND released_at IS NULL",
+                                  (_ts(at), key))
+        if to_status is not CertStatus.GOOD:
+            await self._c.execute(
+                "INSERT INTO revocations (serial, reason, revoked_at, entry, not_after) "
+                "SELECT ?, ?, ?, ?, not_after FROM certificates WHERE serial = ?",
+                (key, reason.value, _ts(at), crl.encode_entry(Revocation(serial, reason, at)), key))
         await self._c.execute("INSERT INTO status_changes (serial, at) VALUES (?, ?)", (key, _ts(at)))
+        return True
 
-    async def release(self, serial, at) -> None:
+    async def release_attendance_hold(self, serial, at) -> bool:
         key = serial_hex(serial)
+        cur = await self._c.execute(
+            "UPDATE certificates SET status = 'good' WHERE serial = ? AND status = 'hold' AND EXISTS ("
+            " SELECT 1 FROM attendance_holds a JOIN revocations r ON r.id = a.revocation_id"
+            " WHERE a.serial = certificates.serial AND r.released_at IS NULL AND r.reason = 6)", (key,))
+        if cur.rowcount != 1:
+            return False
         await self._c.execute("UPDATE revocations SET released_at = ? WHERE serial = ? AND released_at IS NULL",
                               (_ts(at), key))
-        await self._c.execute("UPDATE certificates SET status = 'good' WHERE serial = ?", (key,))
         await self._c.execute("INSERT INTO status_changes (serial, at) VALUES (?, ?)", (key, _ts(at)))
-        await self._c.execute("DELETE FROM attendance_holds WHERE serial = ?", (key,))
+        return True
+
+    async def mark_used(self, serial, at) -> None:
+        await self._c.execute("UPDATE certificates SET used_at = ? WHERE serial = ?", (_ts(at), serial_hex(serial)))
+
+    async def newer_used_certificate(self, serial):
+        # rowid: insertion order, which is issuance order (several may share one created_at)
+        row = await self._one(
+            "SELECT n.serial FROM certificates o JOIN certificates n ON n.device_id = o.device_id "
+            "AND n.rowid > o.rowid AND n.used_at IS NOT NULL WHERE o.serial = ? ORDER BY n.rowid DESC LIMIT 1",
+            (serial_hex(serial),))
+        return None if row is None else int(row[0], 16)
 
     # relayed requests
     async def request_result(self, device_id, request_id, since):
@@ -366,15 +459,23 @@ class SQLiteTx:
     async def absent_devices(self, seen_before):
         rows = await self._all(
             f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE status = 'active' "
-            "AND COALESCE(last_seen, created_at) < ?", (_ts(seen_before),))
+            "AND COALESCE(last_proven_contact, created_at) < ?", (_ts(seen_before),))
         return [_device(r) for r in rows]
 
     async def add_attendance_hold(self, serial, device_id, at) -> None:
-        await self._c.execute("INSERT OR REPLACE INTO attendance_holds (serial, device_id, held_at) VALUES (?,?,?)",
-                              (serial_hex(serial), device_id, _ts(at)))
+        key = serial_hex(serial)
+        await self._c.execute(
+            "INSERT OR REPLACE INTO attendance_holds (serial, device_id, held_at, revocation_id) "
+            "SELECT ?, ?, ?, id FROM revocations WHERE serial = ? AND released_at IS NULL AND reason = 6",
+            (key, device_id, _ts(at), key))
+
+    async def drop_attendance_hold(self, serial) -> None:
+        await self._c.execute("DELETE FROM attendance_holds WHERE serial = ?", (serial_hex(serial),))
 
     async def attendance_holds(self, device_id):
-        rows = await self._all("SELECT serial FROM attendance_holds WHERE device_id = ?", (device_id,))
+        rows = await self._all(
+            "SELECT a.serial FROM attendance_holds a JOIN revocations r ON r.id = a.revocation_id "
+            "WHERE a.device_id = ? AND r.released_at IS NULL ORDER BY a.serial", (device_id,))
         return [int(r[0], 16) for r in rows]
 
     async def flag_absent(self, device_id, at) -> bool:
@@ -602,6 +703,21 @@ def _open_writer(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _statements(script: str) -> list[str]:
+    """The statements of a migration: split at ';', rejoined until SQLite calls a piece complete
+    (a trigger's body holds ';' of its own)."""
+    statements, pending = [], ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                statements.append(pending)
+            pending = ""
+    if pending.strip(" \n;"):
+        raise sqlite3.DatabaseError(f"incomplete statement in a migration: {pending[:60]!r}")
+    return statements
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Run the migrations this database has not seen yet; return the schema version."""
     conn.execute("BEGIN IMMEDIATE")
@@ -611,7 +727,7 @@ def migrate(conn: sqlite3.Connection) -> int:
             raise sqlite3.DatabaseError(
                 f"database schema version {version} is newer than this iomt-ca ({len(MIGRATIONS)})")
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            for statement in filter(str.strip, script.split(";")):
+            for statement in _statements(script):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number}")
         conn.execute("COMMIT")

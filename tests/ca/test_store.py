@@ -134,7 +134,7 @@ async def test_revocations_recorded_before_migration_5_still_reach_the_crl(tmp_p
     from datetime import timedelta
 
     from ca.crl import encode_entry
-    from ca.model import Revocation, RevocationReason
+    from ca.model import CertStatus, Revocation, RevocationReason
     from tests.conftest import T0
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path, isolation_level=None)
@@ -157,7 +157,7 @@ async def test_revocations_recorded_before_migration_5_still_reach_the_crl(tmp_p
         # a revocation recorded now keeps its entry
         async with store.write() as tx:
             await tx.insert_certificate(_record(0x9abc, T0 + timedelta(days=3)))
-            await tx.revoke(0x9abc, RevocationReason.superseded, T0)
+            await tx.change_status(0x9abc, CertStatus.GOOD, CertStatus.REVOKED, RevocationReason.superseded, T0)
         async with store.read() as tx:
             after = await tx.crl_entries(T0)
     finally:

@@ -180,20 +180,25 @@ def test_cms_with_a_revoked_signer_is_refused(srv, ca, tools, enrolled):
     json_error(reply, 403, "revoked")
 
 
-def test_presence_and_posture(srv, ca, tools, enrolled):
+def test_presence_and_plain_posture_are_reported_only(srv, ca, tools, enrolled):
     before = ca.device(enrolled.device_id)
-    assert before["last_seen"] is None and before["firmware"] == ""
+    assert before["reported_online_at"] is None and before["firmware"] == ""
+    proven_before = before["last_proven_contact"]
     reply = call(srv, "POST", f"/ra/v1/devices/{enrolled.device_id}/presence", {"online": True})
     assert reply.status == 200 and reply.json()["status"] == "ok", reply
-    seen = ca.device(enrolled.device_id)["last_seen"]
-    assert seen is not None
-    seen_at = datetime.strptime(seen, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    seen = ca.device(enrolled.device_id)
+    assert seen["reported_online"] is True and seen["reported_online_at"] is not None
+    seen_at = datetime.strptime(seen["reported_online_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
     assert abs(datetime.now(timezone.utc) - seen_at) < timedelta(minutes=1)
-    reply = call(srv, "POST", f"/ra/v1/devices/{enrolled.device_id}/posture", {"firmware": "13.0.1"})
+    assert seen["last_proven_contact"] == proven_before   # a report is not proof of attendance
+    reply = call(srv, "POST", f"/ra/v1/devices/{enrolled.device_id}/reported-posture", {"firmware": "13.0.1"})
     assert reply.status == 200 and reply.json()["status"] == "ok", reply
-    assert ca.device(enrolled.device_id)["firmware"] == "13.0.1"
-    changed = ca.audit("firmware_changed", enrolled.device_id)
-    assert changed and changed[-1]["detail"]["to"] == "13.0.1"
+    after = ca.device(enrolled.device_id)
+    assert after["reported_firmware"] == "13.0.1" and after["firmware"] == ""   # the gate reads only proof
+    assert not ca.audit("firmware_changed", enrolled.device_id)
+    # the signed form only: a plain posture on /posture is refused
+    json_error(call(srv, "POST", f"/ra/v1/devices/{enrolled.device_id}/posture", {"firmware": "13.0.1"}),
+               400, "bad_request")
     json_error(call(srv, "POST", f"/ra/v1/devices/{enrolled.device_id}/presence", {"online": "yes"}),
                400, "bad_request")
     json_error(call(srv, "POST", "/ra/v1/devices/nobody-here/presence", {"online": True}), 401, "unknown_device")
@@ -315,7 +320,7 @@ def test_only_the_ra_certificate_gets_in(srv, ca, tools, outsider, method, path,
             args += ["-H", "Content-Type: application/json", "--data-binary", json.dumps(body)]
         reply = srv.https(path, *args)
     json_error(reply, 403, "policy_violation")
-    assert ca.device(outsider.device_id)["last_seen"] is None
+    assert ca.device(outsider.device_id)["reported_online_at"] is None
 
 
 def test_a_revoked_ra_certificate_is_refused(start_server, tools):
