@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 
 # CertID hash algorithms a cached response may be keyed by (cryptography's names).
 CERT_ID_HASHES = ("sha1", "sha224", "sha256", "sha384", "sha512")
+# Signings of one OCSP response that may each be overtaken by a status change before the answer is
+# served without being cached (see Publisher.cached_response).
+SIGN_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -47,15 +50,17 @@ class _Recorder:
     """The cache handed to Authority.ocsp for one request: notes which cache entry that
     request's bytes resolved to, so the same bytes next time skip parsing and the issuer check."""
 
-    __slots__ = ("_publisher", "request", "key")
+    __slots__ = ("_publisher", "request", "key", "item")
 
     def __init__(self, publisher: "Publisher", request_der: bytes) -> None:
         self._publisher, self.request, self.key = publisher, request_der, None
+        self.item: Published | None = None
 
     async def cached(self, serial: int, algorithm: hashes.HashAlgorithm | None = None) -> bytes:
         algorithm = algorithm or hashes.SHA1()
         self.key = (serial, algorithm.name)
-        return await self._publisher.cached(serial, algorithm)
+        self.item = await self._publisher.cached_response(serial, algorithm)
+        return self.item.der
 
 
 class Publisher:
@@ -68,6 +73,7 @@ class Publisher:
         self._cache_size = cache_size
         self._poll = poll.total_seconds()
         self._crl: Published | None = None
+        self._crl_seen = -1   # the _seen value when self._crl was fetched: it covers every change up to it
         self._crl_lock = asyncio.Lock()
         self._refresh_lock = asyncio.Lock()
         self._seen = 0
@@ -76,6 +82,12 @@ class Publisher:
     @property
     def last_change(self) -> int:
         return self._seen
+
+    # Versioning by the applied change id. `_seen` only grows, and a change id n is applied (its
+    # serials' cache keys popped, then `_seen` advanced, with no await in between) only after that
+    # change committed. So a store read begun when `_seen` was v reflects every change up to v; a
+    # change it missed has an id above v and is either applied before the result is kept (`_seen`
+    # moved past v: the result is thrown away) or after (it pops or replaces what was kept).
 
     async def start(self) -> None:
         self._seen = await self._authority.last_status_change()
@@ -118,7 +130,8 @@ class Publisher:
                 self.changed.notify_all()
             await self.crl(force=True)
             log.info("status changes applied up to %d (%d serials)", self._seen, len(changes))
-        elif self._crl and self._stale(self._crl):
+        elif self._crl and (self._stale(self._crl) or self._crl_seen < self._seen):
+            # behind _seen: the re-signing after the last batch failed; retried on every poll
             await self.crl(force=True)
 
     def _stale(self, item: Published) -> bool:
@@ -129,10 +142,11 @@ class Publisher:
         if not force and self._crl is not None:
             await self.catch_up()
         async with self._crl_lock:
-            if force or self._crl is None or self._stale(self._crl):
+            if force or self._crl is None or self._stale(self._crl) or self._crl_seen < self._seen:
+                seen = self._seen   # before the store read: the CRL fetched covers at least this
                 der = await self._authority.current_crl()
                 crl = x509.load_der_x509_crl(der)
-                self._crl = Published(der, crl.last_update_utc, crl.next_update_utc)
+                self._crl, self._crl_seen = Published(der, crl.last_update_utc, crl.next_update_utc), seen
             return self._crl
 
     async def ocsp(self, request_der: bytes) -> bytes:
@@ -155,7 +169,7 @@ class Publisher:
         self._requests[recorder.request] = recorder.key
         if len(self._requests) > self._cache_size:
             self._requests.popitem(last=False)
-        return der, self._cache.get(recorder.key)
+        return der, recorder.item   # exactly the answer given, cached or not (see cached_response)
 
     async def cached(self, serial: int, algorithm: hashes.HashAlgorithm | None = None) -> bytes:
         return (await self.cached_response(serial, algorithm)).der
@@ -167,13 +181,24 @@ class Publisher:
         if item is not None:
             await self.catch_up()   # one indexed read; the fast path in answer() does not come here
             item = self._cache.get(key)
-        if item is None or self._stale(item):
+        if item is not None and not self._stale(item):
+            self._cache.move_to_end(key)
+            return item
+        for _ in range(SIGN_ATTEMPTS):
+            # A status change committed after ocsp_response() read the status, and applied by the
+            # follower before the insert, would otherwise leave the old status cached (nothing
+            # left to pop) and served until half its validity. Keep the answer only if no change
+            # was applied meanwhile (see "Versioning" above); else sign again from a fresh read.
+            seen = self._seen
             der = await self._authority.ocsp_response(serial, hash_algorithm=algorithm)
             resp = x509_ocsp.load_der_ocsp_response(der)
             item = Published(der, resp.this_update_utc, resp.next_update_utc)
-            self._cache[key] = item
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        else:
-            self._cache.move_to_end(key)
+            if self._seen == seen:
+                self._cache[key] = item
+                self._cache.move_to_end(key)
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+                return item
+        # overtaken every time (a burst of changes): answer from the latest read, keep nothing
+        log.debug("OCSP response for serial %x not cached: status changes kept arriving", serial)
         return item
