@@ -191,6 +191,8 @@ class Authority:
             async with self.store.write() as tx:
                 if device_id and (earlier := await self._earlier_result(tx, device_id, request_id)) is not None:
                     return earlier
+                if known is None and (named := await proof.named_device(tx, cert)) is not None:
+                    known, who = named, f"device:{named}"
                 proven = await proof.prove(tx, self.config, self.issuer.certificate, cert, device_id, now)
                 device = proven.device
                 known, who = device.id, f"device:{device.id}"
@@ -228,6 +230,8 @@ class Authority:
                 policy.signed_recently(credential.signing_time, now)
                 signed_at = credential.signing_time
             async with self.store.write() as tx:
+                if known is None and (named := await proof.named_device(tx, credential.certificate)) is not None:
+                    known, who = named, f"device:{named}"
                 proven = await proof.prove(tx, self.config, self.issuer.certificate, credential.certificate,
                                            device_id, now)
                 device = proven.device

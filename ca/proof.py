@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from . import attendance, policy
 from .config import CAConfig
@@ -53,6 +54,15 @@ async def prove(tx: Tx, config: CAConfig, issuer_cert: x509.Certificate, cert: x
             f"certificate {serial_hex(newer)} since; renew with the current certificate",
             serial=record.serial, newer=newer, device_id=device.id)
     return Proven(record, device, absent_hold)
+
+
+async def named_device(tx: Tx, cert: x509.Certificate) -> str | None:
+    """The device a presented certificate is on file for (byte for byte), proven or not: to name
+    the device in the audit entry of a refusal."""
+    record = await tx.get_certificate(cert.serial_number)
+    if record is None or record.device_id is None or record.der != cert.public_bytes(serialization.Encoding.DER):
+        return None
+    return record.device_id
 
 
 async def count_contact(tx: Tx, config: CAConfig, proven: Proven, now: datetime) -> list[int]:

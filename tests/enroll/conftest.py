@@ -199,11 +199,12 @@ class CA:
         """Audit rows read straight from the database (read-only): there is no CLI listing."""
         conn = sqlite3.connect(f"file:{self.home / 'iomtca.db'}?mode=ro", uri=True, timeout=30)
         try:
-            rows = conn.execute("SELECT id, action, actor, device_id, detail FROM audit_log ORDER BY id").fetchall()
+            rows = conn.execute("SELECT id, action, actor, device_id, detail, serial FROM audit_log "
+                                "ORDER BY id").fetchall()
         finally:
             conn.close()
-        out = [{"id": r[0], "action": r[1], "actor": r[2], "device_id": r[3], "detail": json.loads(r[4])}
-               for r in rows]
+        out = [{"id": r[0], "action": r[1], "actor": r[2], "device_id": r[3], "detail": json.loads(r[4]),
+                "serial": r[5]} for r in rows]
         return [r for r in out if (action is None or r["action"] == action)
                 and (device_id is None or r["device_id"] == device_id)]
 
