@@ -212,3 +212,34 @@ def test_audit_verify_detects_deleted_entry(ca_home):
     conn.close()
     bad = run("audit", "verify", home=ca_home, ok=False)
     assert "entry 3: does not follow" in bad.stderr
+
+
+def test_device_edit_show_and_list_keep_reported_apart_from_proven(tmp_path):
+    home = tmp_path / "ca"
+    run("init", home=home)
+    run("device", "add", "pump-7", "--model", "infusion-pump", "--owner", "ICU", "--firmware", "1.0.0", home=home)
+    out = run("device", "edit", "pump-7", "--firmware", "2.0.0", "--location", "ICU bed 6", "--criticality",
+              "high", home=home)
+    assert out.stdout.strip() == "updated device pump-7: criticality, firmware, location"
+    shown = json.loads(run("device", "show", "pump-7", "--json", home=home).stdout)
+    assert (shown["firmware"], shown["location"], shown["criticality"]) == ("2.0.0", "ICU bed 6", "high")
+    assert shown["reported_firmware"] is None and shown["reported_online"] is None
+    # an unsigned report, as the gateway stores it, shows up labelled and changes nothing proven
+    conn = sqlite3.connect(home / "iomtca.db")
+    with conn:
+        conn.execute("UPDATE devices SET reported_firmware = '9.9.9', reported_online = 1, "
+                     "reported_online_at = '2026-12-01T10:00:00Z' WHERE id = 'pump-7'")
+    conn.close()
+    human = run("device", "show", "pump-7", home=home).stdout
+    assert "reported firmware (unverified)   9.9.9" in human
+    assert any(line.split()[:2] == ["firmware", "2.0.0"] for line in human.splitlines())
+    listed = run("device", "list", home=home).stdout
+    assert "online 2026-12-01T10:00:00Z, fw 9.9.9 (unverified)" in listed
+    one_line_error(run("device", "edit", "pump-7", home=home, ok=False), "nothing to change")
+    one_line_error(run("device", "edit", "pump-7", "--owner", " ", home=home, ok=False), "owner cannot be empty")
+    one_line_error(run("device", "edit", "ghost", "--firmware", "1", home=home, ok=False), "not registered")
+    conn = sqlite3.connect(home / "iomtca.db")
+    rows = conn.execute("SELECT actor, detail FROM audit_log WHERE action = 'device_edited'").fetchall()
+    conn.close()
+    assert len(rows) == 1 and rows[0][0].startswith("operator:")
+    assert json.loads(rows[0][1])["firmware"] == {"from": "1.0.0", "to": "2.0.0"}
