@@ -182,9 +182,14 @@ def _class_policy(section: dict, where: str) -> ModelPolicy:
         min_firmware=min_firmware)
 
 
-def _profiles(section: dict) -> dict[str, profiles_mod.Profile]:
-    """Built-in profiles with lifetimes from config, plus new ones derived with `base = "..."`."""
+def _profiles(section: dict, lifetimes: dict[str, timedelta] | None = None) -> dict[str, profiles_mod.Profile]:
+    """Built-in profiles with lifetimes from config, plus new ones derived with `base = "..."`.
+
+    `lifetimes`: built-in lifetimes set elsewhere in [ca] (`ocsp_signer_lifetime`), applied first.
+    """
     result = dict(profiles_mod.BUILTIN)
+    for name, lifetime in (lifetimes or {}).items():
+        result[name] = replace(result[name], lifetime=lifetime)
     for name, body in section.items():
         base_name = body.get("base", name)
         if base_name not in result:
@@ -199,6 +204,21 @@ def _profiles(section: dict) -> dict[str, profiles_mod.Profile]:
         result[name] = replace(base, name=name,
                                lifetime=_duration(body, "lifetime", base.lifetime, f"ca.profiles.{name}"))
     return result
+
+
+def _ocsp_lifetime(ca: dict) -> dict[str, timedelta]:
+    """`ocsp_signer_lifetime` is the `ocsp` profile's lifetime, said in [ca]: both may be set only
+    when they agree."""
+    signer = _duration(ca, "ocsp_signer_lifetime", None, "ca")
+    if signer is None:
+        return {}
+    section = ca.get("profiles", {}).get("ocsp", {})
+    profile = _duration(section, "lifetime", None, "ca.profiles.ocsp") if isinstance(section, dict) else None
+    if profile is not None and profile != signer:
+        raise ConfigError(
+            f"[ca] ocsp_signer_lifetime = {format_duration(signer)!r} and [ca.profiles.ocsp] lifetime = "
+            f"{format_duration(profile)!r} disagree: both set the OCSP responder's lifetime; keep one of them")
+    return {"ocsp": signer}
 
 
 def load_config(paths: CAPaths) -> CAConfig:
@@ -224,7 +244,7 @@ def parse_config(raw: dict, home: Path) -> CAConfig:
     key_type = ca.get("key_type", defaults.key_type)
     if key_type not in KEY_TYPES:
         raise ConfigError(f"[ca] key_type {key_type!r} is not one of {', '.join(KEY_TYPES)}")
-    profiles = _profiles(ca.get("profiles", {}))
+    profiles = _profiles(ca.get("profiles", {}), _ocsp_lifetime(ca))
     models = {model: _class_policy(section, f"ca.models.{model}") for model, section in ca.get("models", {}).items()}
     by_criticality = {}
     for level, section in ca.get("criticality", {}).items():
@@ -252,7 +272,7 @@ def parse_config(raw: dict, home: Path) -> CAConfig:
         base_url=ca.get("base_url", defaults.base_url),
         crl_next_update=_duration(ca, "crl_next_update", defaults.crl_next_update, "ca"),
         ocsp_validity=_duration(ca, "ocsp_validity", defaults.ocsp_validity, "ca"),
-        ocsp_signer_lifetime=_duration(ca, "ocsp_signer_lifetime", defaults.ocsp_signer_lifetime, "ca"),
+        ocsp_signer_lifetime=profiles["ocsp"].lifetime,
         token_ttl=_duration(ca, "token_ttl", defaults.token_ttl, "ca"),
         renewal_grace=_duration(ca, "renewal_grace", defaults.renewal_grace, "ca", allow_zero=True),
         approval=approval,
@@ -294,6 +314,14 @@ def render_config(cfg: CAConfig, *, passphrase_file: str | None) -> str:
         "",
         "[ca.profiles.device]",
         f"lifetime = {_toml_str(format_duration(cfg.profile('device').lifetime))}",
+        "",
+        "# Service certificates renew themselves at 2/3 of their lifetime, and at start when longer",
+        "# than the lifetime set here (`iomtca status` shows when). The OCSP responder's lifetime is",
+        "# ocsp_signer_lifetime above (or [ca.profiles.ocsp] lifetime, not both).",
+        "# [ca.profiles.server]      # the EST server's TLS certificate (server.pem)",
+        f"# lifetime = {_toml_str(format_duration(cfg.profile('server').lifetime))}",
+        "# [ca.profiles.gateway]     # the gateway's RA client certificate (ra.pem)",
+        f"# lifetime = {_toml_str(format_duration(cfg.profile('gateway').lifetime))}",
         "",
         "# A further device profile, selected by an EST label (/.well-known/est/demo/...):",
         "# [ca.profiles.demo]",

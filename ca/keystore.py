@@ -1,10 +1,13 @@
-"""Key and certificate files: encrypted private keys, mode 0600, atomic writes.
+"""Key and certificate files: encrypted private keys, mode 0600, atomic writes, file locks.
 
 Private keys are PKCS#8 PEM encrypted with the CA passphrase (AES-256-CBC with
 a scrypt/PBKDF2 KDF as chosen by cryptography's BestAvailableEncryption).
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import os
 import secrets
 import stat
@@ -19,7 +22,8 @@ PASSPHRASE_ENV = "IOMTCA_PASSPHRASE"
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to a temporary file with `mode`, fsync it and rename it into place."""
+    """Write `data` to a temporary file with `mode`, fsync it, rename it into place and fsync the
+    directory (so the new name survives a power cut, not only the new bytes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
@@ -33,6 +37,38 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)  # the rename itself is durable only once the directory is
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def file_lock_sync(path: Path, *, shared: bool = False):
+    """flock on `path` (created 0600): exclusive for writers of a key/certificate pair, shared for
+    readers that must not see a new key with an old certificate. Released on exit."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.asynccontextmanager
+async def file_lock(path: Path, *, shared: bool = False):
+    """`file_lock_sync` for coroutines: the wait for the lock happens in a thread, not on the loop."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def encrypt_key(key, passphrase: bytes) -> bytes:

@@ -1,7 +1,7 @@
 """The delegated OCSP responder's key and certificate, rotated automatically.
 
-The responder certificate is short-lived (`ocsp_signer_lifetime`, 7 days by
-default) and carries id-pkix-ocsp-nocheck, so it cannot itself be revoked:
+The responder certificate is short-lived (`ocsp_signer_lifetime`, which is the
+`ocsp` profile's lifetime, 7 days by default) and carries id-pkix-ocsp-nocheck, so it cannot itself be revoked:
 rotation is what limits the harm of a leaked responder key. Certificate and
 encrypted key live in one file, replaced atomically, so a reader never sees a
 new certificate with an old key. Rotation holds an exclusive lock on a file
@@ -11,13 +11,9 @@ the others load what it wrote.
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import fcntl
-import os
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from cryptography import x509
@@ -25,7 +21,8 @@ from cryptography import x509
 from .codec import cert_pem
 from .errors import ConfigError
 from .issuance import service_names
-from .keystore import encrypt_key, load_private_key_pem, check_private, write_atomic
+from .keystore import check_private, encrypt_key, file_lock, load_private_key_pem, write_atomic
+from .service_certs import renewal_due
 from .signer import KeySigner, generate_key
 
 if TYPE_CHECKING:
@@ -39,10 +36,10 @@ class OCSPResponder:
     certificate: x509.Certificate
     signer: KeySigner
 
-    def needs_rotation(self, now: datetime) -> bool:
-        start = self.certificate.not_valid_before_utc
-        end = self.certificate.not_valid_after_utc
-        return now >= start + (end - start) * 2 / 3
+    def needs_rotation(self, now: datetime, lifetime: timedelta | None = None) -> bool:
+        """Past 2/3 of the time from issuance to notAfter, or (given the `ocsp` profile's
+        configured `lifetime`) valid for longer than that lifetime now allows."""
+        return renewal_due(self.certificate, lifetime, now)
 
 
 def _load(authority: "Authority") -> OCSPResponder | None:
@@ -60,25 +57,17 @@ def _load(authority: "Authority") -> OCSPResponder | None:
 
 
 async def load_or_rotate_responder(authority: "Authority", now: datetime) -> OCSPResponder:
+    """The responder on disk, or a new one when it is due: past 2/3 of its validity, or (at the
+    first load, e.g. at start) longer-lived than `ocsp_signer_lifetime` now allows."""
+    lifetime = authority.config.profile("ocsp").lifetime
     current = _load(authority)
-    if current is not None and not current.needs_rotation(now):
+    if current is not None and not current.needs_rotation(now, lifetime):
         return current
-    async with _rotation_lock(authority):
+    async with file_lock(authority.paths.ocsp_signer.with_name("ocsp-rotation.lock")):
         current = _load(authority)  # another process may have rotated while we waited
-        if current is not None and not current.needs_rotation(now):
+        if current is not None and not current.needs_rotation(now, lifetime):
             return current
         return await rotate_responder(authority, actor="system:ocsp-rotation")
-
-
-@contextlib.asynccontextmanager
-async def _rotation_lock(authority: "Authority"):
-    path = authority.paths.ocsp_signer.with_name("ocsp-rotation.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)  # waits in a thread, not on the loop
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 async def rotate_responder(authority: "Authority", *, actor: str) -> OCSPResponder:

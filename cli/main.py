@@ -11,7 +11,7 @@ from pathlib import Path
 from ca.errors import CAError, ConfigError
 from ca.signer import KEY_TYPES
 
-from . import cert_cmds, device_cmds, init_cmd
+from . import cert_cmds, device_cmds, init_cmd, status_cmd
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 70
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     device_cmds.add_parsers(sub, common)
     cert_cmds.add_parsers(sub, common)
+    status_cmd.add_parsers(sub, common)
     return parser
 
 

@@ -10,7 +10,7 @@ from aiohttp import web
 from ca.authority import Authority
 from ca.ratelimit import FailureLimiter
 
-from . import est, ra, responder
+from . import est, posture, ra, ra_service, responder
 from .config import EnrollConfig
 from .middleware import errors
 from .publication import Publisher
@@ -32,6 +32,8 @@ def create_app(authority: Authority, config: EnrollConfig, publisher: Publisher,
                                           what="address", clock=authority.now)
     est.add_routes(app)
     ra.add_routes(app)
+    ra_service.add_routes(app)
+    posture.add_routes(app)
     responder.add_routes(app)
     return app
 

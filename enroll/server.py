@@ -5,6 +5,11 @@ the CA passphrase once, runs the database migrations and rotates the OCSP respon
 both listening sockets itself and starts N worker processes (`python -m enroll.server --worker`)
 that inherit those sockets (pass_fds) and get the passphrase on a pipe. Each worker runs the same
 aiohttp applications on the shared sockets. See docs/EST.md "Several worker processes".
+
+Service certificates: the server certificate (and the OCSP responder) is renewed at start when due,
+then by worker 0 at each renewal point (`ca/service_certs.py`); every worker watches server.pem and
+server.key and gives new connections the new certificate without a restart (docs/EST.md "Service
+certificates").
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import socket
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 from aiohttp import web
@@ -28,12 +34,13 @@ from ca.authority import Authority
 from ca.config import CAPaths, load_config
 from ca.errors import CAError, ConfigError
 from ca.keystore import read_passphrase
+from ca.service_certs import renew_at, renew_server_certificate, server_renewal_point
 
 from .app import create_app, create_responder_app
 from .channel_binding import exporter_available
 from .config import EnrollConfig, load_enroll_config, parse_listen
 from .publication import Publisher
-from .tls import server_context
+from .tls import ServerContext
 
 log = logging.getLogger("enroll.server")  # also when run as __main__ (a worker)
 
@@ -41,6 +48,9 @@ log = logging.getLogger("enroll.server")  # also when run as __main__ (a worker)
 WORKER_START_TIMEOUT = 60.0
 WORKER_STOP_TIMEOUT = 10.0
 READY = "ready"
+# The renewal task wakes at the next renewal point, or after this long at the latest.
+RENEWAL_CHECK_MAX_S = 60.0
+RENEWAL_RETRY_S = 5.0
 
 
 async def serve(home: Path, *, listen: str | None = None, http_listen: str | None = None,
@@ -56,6 +66,7 @@ async def serve(home: Path, *, listen: str | None = None, http_listen: str | Non
     authority = await Authority.open(home, passphrase=passphrase)
     try:
         await authority.responder()
+        await _renew_server_certificate(authority, at_start=True)
         est_socks = bind(config.listen)
         http_socks = bind(config.http_listen)
     except BaseException:
@@ -133,9 +144,10 @@ async def run_worker(authority: Authority, config: EnrollConfig, est_socks: list
         tasks.append(asyncio.create_task(_attendance(authority), name="attendance"))
     runners = []
     try:
-        ssl_ctx = server_context(authority.paths, config, authority.key_passphrase)
+        server_ctx = ServerContext(authority.paths, config, authority.key_passphrase)
+        tls_sites: list[SharedSocketSite] = []
         for app, socks, ctx in (
-            (create_app(authority, config, publisher, keygen), est_socks, ssl_ctx),
+            (create_app(authority, config, publisher, keygen), est_socks, server_ctx.context),
             (create_responder_app(authority, config, publisher), http_socks, None),
         ):
             # shutdown_timeout: long polls from the gateway must not hold up a stop for their 25 s
@@ -144,7 +156,15 @@ async def run_worker(authority: Authority, config: EnrollConfig, est_socks: list
             await runner.setup()
             runners.append(runner)
             for sock in socks:
-                await SharedSocketSite(runner, sock, ssl_context=ctx).start()
+                site = SharedSocketSite(runner, sock, ssl_context=ctx)
+                await site.start()
+                if ctx is not None:
+                    tls_sites.append(site)
+        certificates = _ServerCertificate(server_ctx, tls_sites, index)
+        tasks.append(asyncio.create_task(certificates.follow(), name="server-certificate-reload"))
+        if duties:  # one renewal per due point, not one per worker
+            tasks.append(asyncio.create_task(_renew_service_certificates(authority, certificates),
+                                             name="service-certificate-renewal"))
         log.info("worker %d (pid %d) serving", index, os.getpid())
         ready()
         await _until_signalled()
@@ -172,13 +192,19 @@ class SharedSocketSite(web.SockSite):
         await web.BaseSite.start(self)   # registers the site with its runner
         self._server = _Acceptor(self._sock, self._runner.server, self._ssl_context)
 
+    def use_ssl_context(self, ssl_context) -> None:
+        """New connections get `ssl_context` (a renewed certificate); open ones keep theirs."""
+        self._ssl_context = ssl_context
+        if self._server is not None:
+            self._server.ssl_context = ssl_context
+
 
 class _Acceptor:
     def __init__(self, sock: socket.socket, factory, ssl_context) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
         self._factory = factory
-        self._ssl = ssl_context
+        self.ssl_context = ssl_context   # read once per connection: a swap reaches new connections
         self._tasks: set[asyncio.Task] = set()
         self.sockets = (sock,)
         sock.setblocking(False)
@@ -205,7 +231,7 @@ class _Acceptor:
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
-            await self._loop.connect_accepted_socket(self._factory, conn, ssl=self._ssl)
+            await self._loop.connect_accepted_socket(self._factory, conn, ssl=self.ssl_context)
         except Exception as exc:   # failed TLS handshakes: the client's problem, as in asyncio's server
             log.debug("connection dropped before a request: %s", exc)
             conn.close()
@@ -216,6 +242,63 @@ class _Acceptor:
             self._sock.close()   # this process's descriptor; other workers keep theirs
         for task in self._tasks:
             task.cancel()
+
+
+class _ServerCertificate:
+    """This worker's view of server.pem/server.key: polled, and swapped into its TLS sites."""
+
+    def __init__(self, ctx: ServerContext, sites: list[SharedSocketSite], index: int) -> None:
+        self._ctx, self._sites, self._index = ctx, sites, index
+
+    def reload(self) -> bool:
+        context = self._ctx.reload()
+        if context is None:
+            return False
+        for site in self._sites:
+            site.use_ssl_context(context)
+        log.info("worker %d reloaded the server certificate serial=%x: new connections get it", self._index,
+                 self._ctx.serial or 0)
+        return True
+
+    async def follow(self) -> None:
+        while True:
+            await asyncio.sleep(self._ctx.poll_interval())
+            try:
+                self.reload()
+            except Exception:
+                log.exception("reloading the server certificate failed; retrying at the next poll")
+
+
+def _now() -> datetime:
+    # the renewal schedule uses the precise time: the Authority's clock has whole seconds
+    return datetime.now(timezone.utc)
+
+
+async def _renew_server_certificate(authority: Authority, *, at_start: bool = False) -> bool:
+    """At start, before any worker loads it: a failure is logged and the current one served."""
+    try:
+        return await renew_server_certificate(authority, _now(), check_key=at_start)
+    except CAError as exc:
+        log.error("could not renew the server certificate at start: %s; serving the current one", exc)
+        return False
+
+
+async def _renew_service_certificates(authority: Authority, certificates: _ServerCertificate) -> None:
+    """Worker 0: renew the server certificate and rotate the OCSP responder at their renewal
+    points (checked at least every minute, so a short lifetime or a changed file is seen)."""
+    while True:
+        delay = RENEWAL_RETRY_S
+        try:
+            if await renew_server_certificate(authority, _now()):
+                certificates.reload()   # this worker at once; the others at their next poll
+            responder = await authority.responder()   # rotates the responder when it is due
+            points = [p for p in (server_renewal_point(authority), renew_at(responder.certificate)) if p]
+            delay = (min(points) - _now()).total_seconds() if points else RENEWAL_RETRY_S
+        except CAError as exc:
+            log.error("service certificate renewal failed: %s; retrying in %.0f s", exc, RENEWAL_RETRY_S)
+        except Exception:
+            log.exception("service certificate renewal failed; retrying in %.0f s", RENEWAL_RETRY_S)
+        await asyncio.sleep(min(max(delay, 0.25), RENEWAL_CHECK_MAX_S))
 
 
 async def _attendance(authority: Authority) -> None:

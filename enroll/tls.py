@@ -1,12 +1,20 @@
-"""The HTTPS listener's TLS context: TLS 1.2+, optional client certificates."""
+"""The HTTPS listener's TLS context: TLS 1.2+, optional client certificates; rebuilt when the
+server certificate on disk is renewed."""
 from __future__ import annotations
 
+import logging
+import os
 import ssl
 
 from ca.codec import cert_pem
 from ca.config import CAPaths
+from ca.errors import CAError
+from ca.keystore import check_private
+from ca.service_certs import read_cert, validity
 
 from .config import EnrollConfig
+
+log = logging.getLogger(__name__)
 
 # OpenSSL's X509_V_FLAG_NO_CHECK_TIME. The handshake checks the chain and signatures
 # of a client certificate, but not its validity period: an expired device certificate
@@ -22,6 +30,7 @@ def server_context(paths: CAPaths, config: EnrollConfig, passphrase: bytes) -> s
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)
+    check_private(paths.server_key)   # the same 0600 rule as the CA keys
     ctx.load_cert_chain(paths.server_cert, paths.server_key, password=passphrase)
     # Client certificates: optional at the TLS layer; our root for device and RA certificates,
     # configured manufacturer roots for IDevID onboarding.
@@ -33,3 +42,58 @@ def server_context(paths: CAPaths, config: EnrollConfig, passphrase: bytes) -> s
     ctx.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     return ctx
+
+
+def _stamp(paths: CAPaths) -> tuple:
+    """What changes when server.pem or server.key is replaced (an atomic rename: a new inode)."""
+    stamp = []
+    for path in (paths.server_cert, paths.server_key):
+        try:
+            st = os.stat(path)
+            stamp.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except FileNotFoundError:
+            stamp.append(None)
+    return tuple(stamp)
+
+
+class ServerContext:
+    """The listener's current SSL context, rebuilt when server.pem or server.key changes on disk.
+
+    `reload()` is cheap when nothing changed (two stats). A load that fails (the renewer wrote
+    the new key and not yet the certificate, a mode that is not 0600) keeps the current context,
+    is logged, and is tried again at the next call.
+    """
+
+    def __init__(self, paths: CAPaths, config: EnrollConfig, passphrase: bytes) -> None:
+        self._paths, self._config, self._passphrase = paths, config, passphrase
+        self._stamp = _stamp(paths)
+        self.context = server_context(paths, config, passphrase)
+        self.serial = self._serial()
+        self._failed_stamp: tuple | None = None
+
+    def _serial(self) -> int | None:
+        cert = read_cert(self._paths.server_cert)
+        return cert.serial_number if cert is not None else None
+
+    def poll_interval(self, longest: float = 5.0, shortest: float = 0.25) -> float:
+        """Every few seconds, or 1/10 of the certificate's validity when that is shorter."""
+        cert = read_cert(self._paths.server_cert)
+        tenth = validity(cert).total_seconds() / 10 if cert is not None else longest
+        return max(shortest, min(longest, tenth))
+
+    def reload(self) -> ssl.SSLContext | None:
+        """A new context when the files changed and load cleanly; None otherwise."""
+        stamp = _stamp(self._paths)
+        if stamp == self._stamp:
+            return None
+        try:
+            context = server_context(self._paths, self._config, self._passphrase)
+        except (ssl.SSLError, OSError, CAError) as exc:
+            if stamp != self._failed_stamp:   # once per state of the files, not at every poll
+                log.warning("server certificate changed on disk but does not load yet (%s); "
+                            "keeping the current one and retrying", exc)
+                self._failed_stamp = stamp
+            return None
+        self._stamp, self.context, self._failed_stamp = stamp, context, None
+        self.serial = self._serial()
+        return context

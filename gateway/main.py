@@ -15,7 +15,8 @@ from .config import GatewayConfig, load_gateway_config
 from .durable import Durable
 from .mqtt import MQTTLink
 from .pki import PKIPublisher
-from .ra_client import RAClient, client_context
+from .ra_client import RAClient
+from .ra_identity import RAIdentity
 from .service import GatewayService
 from .topics import Topics, shared
 
@@ -36,13 +37,17 @@ async def run_gateway(home: Path, *, broker: str | None = None, ca_url: str | No
     config = load_gateway_config(paths, broker=broker, ca_url=ca_url, client_id=client_id,
                                  publish_pki=publish_pki, share_group=share_group)
     passphrase = read_passphrase(ca_config.passphrase_file)
+    # The RA credential lives in the CA directory for now; the CA's configured `gateway` lifetime
+    # is known here, so a shortened lifetime gets a new certificate at start (as the server's does).
+    identity = RAIdentity.in_ca_directory(paths, passphrase, max_lifetime=ca_config.profile("gateway").lifetime)
+    ra_context = identity.client_context()
     durable = await Durable.open(config.database, owner=config.client_id)
     link = MQTTLink(config.broker, config.client_id, subscriptions(config), manual_ack=True)
     released = await durable.release_claims()
     if released:
         log.info("took back %d request(s) this gateway was forwarding when it stopped", released)
     tasks: list[asyncio.Task] = []
-    async with RAClient(config.ca_url, client_context(paths, passphrase)) as ra:
+    async with RAClient(config.ca_url, ra_context) as ra:
         pki = PKIPublisher(config, link, ra, durable) if config.publish_pki else None
         service = GatewayService(config, link, ra, durable, on_issued=pki.certificate_issued if pki else None)
         try:
@@ -50,7 +55,8 @@ async def run_gateway(home: Path, *, broker: str | None = None, ca_url: str | No
             tasks = [asyncio.create_task(service.run_intake(), name="intake"),
                      asyncio.create_task(service.run_forwarders(), name="forwarders"),
                      asyncio.create_task(service.run_reporter(), name="reports"),
-                     asyncio.create_task(_housekeeping(durable, config), name="housekeeping")]
+                     asyncio.create_task(_housekeeping(durable, config), name="housekeeping"),
+                     asyncio.create_task(identity.run_renewal(ra), name="ra-renewal")]
             if pki is not None:
                 tasks.append(asyncio.create_task(pki.run(), name="pki"))
             await link.connected.wait()

@@ -33,10 +33,9 @@ class RemoteError(CAError):
 
 
 def client_context(paths: CAPaths, passphrase: bytes) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(paths.root_cert))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(paths.ra_cert, paths.ra_key, password=passphrase)
-    return ctx
+    """The RA client context of a CA directory's ra.pem/ra.key (owned by gateway/ra_identity.py)."""
+    from .ra_identity import client_context as ra_context
+    return ra_context(paths.ra_cert, paths.ra_key, paths.root_cert, passphrase)
 
 
 class RAClient:
@@ -44,6 +43,7 @@ class RAClient:
         self._base = base_url.rstrip("/")
         self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None
+        self._retiring: set[asyncio.Task] = set()   # sessions of a replaced RA certificate, closing
 
     async def __aenter__(self) -> "RAClient":
         self._session = aiohttp.ClientSession(timeout=TIMEOUT, connector=aiohttp.TCPConnector(ssl=self._ssl))
@@ -86,11 +86,19 @@ class RAClient:
     async def csrattrs(self) -> dict:
         return await self._call("GET", "/ra/v1/csrattrs")
 
+    async def posture(self, device_id: str, cms_b64: str, request_id: str) -> dict:
+        """Signed posture (the device's CMS over its posture JSON): the CA verifies it, and only this
+        changes the firmware the renewal gate reads, counts as attendance or lifts a hold."""
+        return await self._call("POST", f"/ra/v1/devices/{device_id}/posture",
+                                json={"cms": cms_b64, "request_id": request_id})
+
     async def presence(self, device_id: str, online: bool) -> dict:
+        """A plain presence message: the CA records it as reported only (it changes no trust)."""
         return await self._call("POST", f"/ra/v1/devices/{device_id}/presence", json={"online": online})
 
-    async def posture(self, device_id: str, posture: dict) -> dict:
-        return await self._call("POST", f"/ra/v1/devices/{device_id}/posture", json=posture)
+    async def reported_posture(self, device_id: str, posture: dict) -> dict:
+        """A plain (unsigned) posture message: recorded as reported, unverified; it changes no trust."""
+        return await self._call("POST", f"/ra/v1/devices/{device_id}/reported-posture", json=posture)
 
     async def status_changes(self, after: int, wait: float) -> dict:
         return await self._call("GET", "/ra/v1/status-changes", params={"after": str(after), "wait": str(wait)},
@@ -110,6 +118,28 @@ class RAClient:
 
     async def crl(self) -> bytes:
         return await self._call("GET", "/crl", raw=True)
+
+    async def renew(self, csr_b64: str) -> dict:
+        """A new RA certificate for the CSR's key, authenticated by the current one (POST /ra/v1/renew)."""
+        return await self._call("POST", "/ra/v1/renew", json={"csr": csr_b64})
+
+    async def use_context(self, ssl_context: ssl.SSLContext, *, retire_after: float = 130.0) -> None:
+        """Send new requests with `ssl_context` (a renewed RA certificate). Requests in flight keep
+        the old session; it is closed once the longest request timeout here (120 s) has passed."""
+        old, self._ssl = self._session, ssl_context
+        self._session = aiohttp.ClientSession(timeout=TIMEOUT, connector=aiohttp.TCPConnector(ssl=ssl_context))
+        if old is None:
+            return
+
+        async def retire() -> None:
+            try:
+                await asyncio.sleep(retire_after)
+            finally:   # also when the loop shuts down first
+                await old.close()
+
+        task = asyncio.get_running_loop().create_task(retire())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
 
 def _json_or_none(resp: aiohttp.ClientResponse, body: bytes):
