@@ -1,8 +1,10 @@
 """A real EST client (RFC 7030) for HTTP devices: TLS verified against root.pem, Basic auth for
-the first enrollment, the current certificate for renewal, PKCS#7 parsing via enroll.codec."""
+the first enrollment, the current certificate for renewal and for posture (`POST /iomt/v1/posture`,
+beside the EST paths), PKCS#7 parsing via enroll.codec."""
 from __future__ import annotations
 
 import base64
+import json
 import ssl
 from pathlib import Path
 
@@ -29,7 +31,8 @@ class ESTClient:
     """One session (keep-alive) for Basic-auth and unauthenticated calls; mTLS gets its own."""
 
     def __init__(self, base_url: str, root_pem: Path) -> None:
-        self._base = base_url.rstrip("/") + "/.well-known/est"
+        self._server = base_url.rstrip("/")
+        self._base = self._server + "/.well-known/est"
         self._root = str(root_pem)
         self._session: aiohttp.ClientSession | None = None
 
@@ -57,9 +60,7 @@ class ESTClient:
         async with s.post(f"{self._base}/{op}", data=body, headers=headers) as resp:
             data = await resp.read()
             if resp.status != 200:
-                retry = resp.headers.get("Retry-After")
-                raise ESTError(resp.status, data.decode("utf-8", "replace").strip(),
-                               int(retry) if retry and retry.isdigit() else None, resp.headers.get("X-Error-Code"))
+                raise _refusal(resp, data)
             return data, resp.headers.get("Content-Type", "")
 
     async def cacerts(self) -> list[x509.Certificate]:
@@ -83,13 +84,24 @@ class ESTClient:
             data, _ = await self._post("simplereenroll", csr, session=session)
         return codec.decode_certs_only(data)[0]
 
-    async def check_tls(self, cert: Path, key: Path) -> None:
-        """Use a certificate once: a mutual-TLS request the server must accept (GET cacerts)."""
+    async def posture(self, cert: Path, key: Path, posture: dict) -> dict:
+        """Report posture (`{"firmware": ...}`) over a fresh mutual-TLS connection with `cert`: the
+        certificate proves it is this device, so the CA takes the firmware as proven and counts the
+        contact. The server's answer: `{"status": "ok", "device_id", "firmware", "released"}`."""
         connector = aiohttp.TCPConnector(ssl=self._context(cert, key), force_close=True)
         async with aiohttp.ClientSession(timeout=TIMEOUT, connector=connector) as session:
-            async with session.get(f"{self._base}/cacerts") as resp:
+            async with session.post(f"{self._server}/iomt/v1/posture", data=json.dumps(posture).encode(),
+                                    headers={"Content-Type": "application/json"}) as resp:
+                data = await resp.read()
                 if resp.status != 200:
-                    raise ESTError(resp.status, "mutual TLS check failed")
+                    raise _refusal(resp, data)
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            raise ESTError(resp.status, "posture answer is not JSON") from None
+        if not isinstance(answer, dict) or answer.get("status") != "ok":
+            raise ESTError(resp.status, f"unexpected posture answer {data[:200]!r}")
+        return answer
 
     async def ocsp(self, url: str, cert: x509.Certificate, issuer: x509.Certificate) -> x509_ocsp.OCSPResponse:
         der = (x509_ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1()).build()
@@ -98,6 +110,12 @@ class ESTClient:
             if resp.status != 200:
                 raise ESTError(resp.status, "OCSP responder refused the request")
             return x509_ocsp.load_der_ocsp_response(await resp.read())
+
+
+def _refusal(resp: aiohttp.ClientResponse, body: bytes) -> ESTError:
+    retry = resp.headers.get("Retry-After")
+    return ESTError(resp.status, body.decode("utf-8", "replace").strip(),
+                    int(retry) if retry and retry.isdigit() else None, resp.headers.get("X-Error-Code"))
 
 
 def make_csr(key, device_id: str) -> x509.CertificateSigningRequest:

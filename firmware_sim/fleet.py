@@ -69,11 +69,6 @@ class Fleet:
     def grace_for(self, record: DeviceRecord) -> timedelta:
         return self._grace[record.device_id]
 
-    async def record_firmware(self, device_id: str, firmware: str) -> None:
-        """What a maintenance system does after a technician updates an HTTP device."""
-        async with await Authority.open(self.options.home) as authority:
-            await authority.record_posture(device_id, {"firmware": firmware})
-
     async def limited(self, coro) -> None:
         async with self._sem:
             await coro

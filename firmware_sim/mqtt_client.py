@@ -106,9 +106,14 @@ class DeviceMQTT:
         self._waiting.pop(req_id, None)
         await self.link.publish(self.topics.request(self.device_id, "ack"), json.dumps({"id": req_id}).encode())
 
-    async def posture(self, firmware: str, model: str) -> None:
-        await self.link.publish(self.topics.posture(self.device_id),
-                                json.dumps({"firmware": firmware, "model": model}).encode())
+    def forget(self, req_id: str) -> None:
+        """Stop waiting for an answer (one the gateway does not keep for re-delivery, e.g. posture)."""
+        self._waiting.pop(req_id, None)
+
+    async def report_posture(self, posture: dict) -> None:
+        """The plain, unsigned posture message: shown as reported at the CA, it proves nothing
+        (the signed `posture` request does)."""
+        await self.link.publish(self.topics.posture(self.device_id), json.dumps(posture).encode())
 
     async def retained(self, topic: str, timeout: float = 5) -> bytes:
         """One retained read (subscribe, take the retained message, unsubscribe)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import random
 import time
@@ -13,10 +14,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from ca.signer import generate_key
-from ca.timefmt import utc_now
+from ca.timefmt import from_rfc3339, utc_now
 
 from .connectivity import Connectivity
-from .device import Action, DeviceRecord, State, adopt, next_action
+from .device import Action, DeviceRecord, State, adopt, has_valid_certificate, next_action
 from .est_client import ESTError, make_csr, ocsp_url
 from .mqtt_client import DeviceMQTT, MQTTAnswerError, b64
 from .persist import DeviceFolder
@@ -30,12 +31,24 @@ log = logging.getLogger(__name__)
 STEP_S = 0.5          # how often an online device looks at its state
 PEER_CHECK_P = 0.15   # chance per step of checking a ward peer's revocation status
 UPGRADE_P = 0.01      # chance per step of a firmware upgrade
+POSTURE_WAIT_S = 5.0  # how long an MQTT device waits for the answer to its signed posture
 SERVER_KEYGEN_MODELS = ("imaging-ct",)
 
 
 def bump(firmware: str) -> str:
     parts = firmware.split(".")
     return ".".join([str(int(parts[0]) + 1) if parts[0].isdigit() else "2", "0", "0"])
+
+
+def posture_of(record: DeviceRecord) -> dict:
+    return {"firmware": record.firmware, "model": record.model}
+
+
+def cms_sign(content: bytes, cert: x509.Certificate, key) -> bytes:
+    """CMS SignedData (RFC 5652) with `content` attached and a signingTime attribute: what
+    `openssl cms -sign -binary -nodetach` makes; the MQTT contract's `simplereenroll` and `posture`."""
+    return (pkcs7.PKCS7SignatureBuilder().set_data(content).add_signer(cert, key, hashes.SHA256())
+            .sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary]))
 
 
 class SimDevice:
@@ -51,6 +64,7 @@ class SimDevice:
         self.online = False
         self._window_end = 0.0
         self._not_before = 0.0       # back-off after a refusal (monotonic time)
+        self._upgrade_due = False    # a renewal was refused for posture: upgrade at the next step
         self.grace = fleet.grace_for(record)
 
     @property
@@ -112,9 +126,12 @@ class SimDevice:
             await self.fleet.limited(self.enroll())
         elif action is Action.RENEW and not self.record.pending:
             await self.fleet.limited(self.renew())
+        if self._upgrade_due:
+            self._upgrade_due = False
+            await self.upgrade_firmware()   # proven before the renewal is tried again (after the back-off)
         if self.record.state is State.ENROLLED and self.rng.random() < PEER_CHECK_P:
             await self.check_peer()
-        if self.record.transport == "mqtt" and self.rng.random() < UPGRADE_P:
+        if self.record.state is State.ENROLLED and self.rng.random() < UPGRADE_P:
             await self.upgrade_firmware()
 
     async def _wait_step(self, end: float) -> None:
@@ -133,7 +150,9 @@ class SimDevice:
             await self.mqtt.disconnect(graceful=False)
             self.mqtt = None
             return False
-        await self.mqtt.posture(self.record.firmware, self.record.model)
+        # the plain report (shown as "reported" at the CA, it proves nothing), then the signed one
+        await self.mqtt.report_posture(posture_of(self.record))
+        await self.prove_posture()
         return True
 
     async def _collect_answers(self) -> None:
@@ -219,9 +238,8 @@ class SimDevice:
         self.folder.write_key(key, new=True)
         csr = make_csr(key, record.device_id)
         if record.transport == "mqtt":
-            signed = (pkcs7.PKCS7SignatureBuilder().set_data(csr.public_bytes(serialization.Encoding.DER))
-                      .add_signer(self.folder.load_cert(), self.folder.load_key(), hashes.SHA256())
-                      .sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary]))
+            signed = cms_sign(csr.public_bytes(serialization.Encoding.DER), self.folder.load_cert(),
+                              self.folder.load_key())
             self.stats.count("grace_attempts" if expired else "renew_attempts")
             await self._mqtt_call("simplereenroll", {"cms": b64(signed)})
             return
@@ -246,7 +264,9 @@ class SimDevice:
         self.folder.write_cert(cert, new=True)
         try:
             if record.transport == "http":
-                await self.fleet.est.check_tls(self.folder.new_cert, self.folder.new_key)  # one real use
+                # one real use, which also proves the new certificate: posture over mutual TLS with it
+                await self.fleet.est.posture(self.folder.new_cert, self.folder.new_key, posture_of(record))
+                self.stats.count("postures_proven")
             else:
                 self._check_pair(cert)
         except Exception as exc:
@@ -278,21 +298,67 @@ class SimDevice:
             record.state = State.REVOKED
         elif code == "posture_noncompliant":
             self.stats.count("posture_refusals")
-            asyncio.ensure_future(self.upgrade_firmware())
+            self._upgrade_due = True
         elif code == "unauthorized" and op == "simplereenroll" and record.state is State.EXPIRED:
             record.state = State.STRANDED
         self.save()
 
     async def upgrade_firmware(self) -> None:
-        """A firmware update: MQTT devices report it as posture; for HTTP devices (EST has no posture)
-        the update is recorded in the registry, as a hospital's maintenance system would."""
+        """A firmware update, then proven with the current key: the CA's `min_firmware` gate reads
+        only proven firmware (a signed `req/posture` over MQTT, `POST /iomt/v1/posture` over mutual TLS)."""
         self.record.firmware = bump(self.record.firmware)
         self.stats.count("firmware_upgrades")
-        if self.mqtt is not None:
-            await self.mqtt.posture(self.record.firmware, self.record.model)
-        else:
-            await self.fleet.record_firmware(self.record.device_id, self.record.firmware)
         self.save()
+        if self.mqtt is not None:
+            await self.mqtt.report_posture(posture_of(self.record))
+        await self.prove_posture()
+
+    async def prove_posture(self) -> bool:
+        """Send the posture signed with the current certificate and key; True once the CA accepted it.
+        A device with no usable certificate proves nothing (its next certificate's first use will):
+        it signs with a certificate valid now, or (to pass the renewal gate) one it knows has expired
+        within the grace period."""
+        record = self.record
+        now = utc_now()
+        in_grace = (record.state is State.EXPIRED and record.not_after is not None
+                    and now <= from_rfc3339(record.not_after) + self.grace)
+        if not (has_valid_certificate(record, now) or in_grace) or not self.folder.cert.exists():
+            return False
+        started = time.monotonic()
+        try:
+            if record.transport == "http":
+                await self.fleet.est.posture(self.folder.cert, self.folder.key, posture_of(record))
+            elif self.mqtt is not None:
+                await self._mqtt_posture()
+            else:
+                return False
+        except (MQTTAnswerError, ESTError) as exc:
+            self.stats.error(exc.code)
+            if exc.code == "revoked":
+                record.state = State.REVOKED  # decommissioned or revoked: nothing to renew
+                self.save()
+            return False
+        except asyncio.TimeoutError:
+            self.stats.count("posture_unanswered")   # the CA away: the next connect signs a fresh one
+            return False
+        except Exception as exc:   # the transport failed (connection lost, refused...): try again later
+            self.stats.error("est_unreachable" if record.transport == "http" else "posture_failed")
+            log.info("%s: posture not delivered: %s %s", record.device_id, type(exc).__name__, exc)
+            return False
+        self.stats.timed(f"{record.transport}_posture", time.monotonic() - started)
+        self.stats.count("postures_proven")
+        return True
+
+    async def _mqtt_posture(self) -> None:
+        """The signed `req/posture`; its answer is published once, so it is not kept pending."""
+        signed = cms_sign(json.dumps(posture_of(self.record)).encode(), self.folder.load_cert(),
+                          self.folder.load_key())
+        req_id, future = await self.mqtt.request("posture", {"cms": b64(signed)})
+        try:
+            timeout = max(0.5, min(POSTURE_WAIT_S, self._window_end - time.monotonic()))
+            DeviceMQTT.result(await asyncio.wait_for(asyncio.shield(future), timeout))
+        finally:
+            self.mqtt.forget(req_id)
 
     async def check_peer(self) -> None:
         now = utc_now()

@@ -22,6 +22,8 @@ class Request:
 
 
 READ_ID_LIMIT = 1024 * 1024
+# fields each operation needs besides `id` (MQTT contract, requests table)
+REQUIRED = {"simpleenroll": ("csr", "token"), "simplereenroll": ("cms",), "posture": ("cms",)}
 
 
 def read_id(payload: bytes) -> str | None:
@@ -47,7 +49,7 @@ def parse_request(device_id: str, op: str, payload: bytes) -> Request:
     req_id = body.get("id")
     if not isinstance(req_id, str) or not 1 <= len(req_id) <= 64:
         raise BadRequestError("field 'id' must be a string of 1 to 64 characters")
-    required = {"simpleenroll": ("csr", "token"), "simplereenroll": ("cms",)}.get(op, ())
+    required = REQUIRED.get(op, ())
     if op not in OPS:
         raise BadRequestError(f"unknown operation {op!r}")
     for name in required:

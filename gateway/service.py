@@ -8,6 +8,11 @@ gateway killed at any point loses nothing and never asks the CA twice for the
 same (device, request id); the CA's own request-id check covers the moment
 between its answer and our store.
 
+Plain presence and posture messages (anyone on the broker can publish them) are relayed
+to the CA as reports only: nothing here, nor at the CA, treats them as trust. Only what
+the device signs counts: `simplereenroll` and the signed `posture` request, both
+forwarded like every request with the device's CMS for the CA to verify.
+
 Messages are taken in batches (whatever has arrived, up to INTAKE_BATCH) and handled
 concurrently, so their writes share one transaction of the durable store (group
 commit); the batch is PUBACKed, in arrival order, once all of it is stored.
@@ -123,7 +128,8 @@ class GatewayService:
             await self._publish(request.device_id, previous.op, codec.queued(request.id))
 
     async def _report(self, device_id: str, kind: str, payload: bytes) -> None:
-        """Presence and posture: stored, forwarded to the CA by `run_reporter` (they survive an outage)."""
+        """Plain presence and posture: stored, forwarded to the CA by `run_reporter` as reports (they
+        survive an outage). Unsigned, so they change no trust; `online` only triggers re-delivery."""
         if kind == "presence":
             state = payload.decode("utf-8", "replace").strip().lower()
             if state not in ("online", "offline"):
@@ -158,7 +164,7 @@ class GatewayService:
                     if kind == "presence":
                         await self._ra.presence(device_id, bool(body["online"]))
                     else:
-                        await self._ra.posture(device_id, body)
+                        await self._ra.reported_posture(device_id, body)
                 except CAUnreachableError:
                     break  # kept; tried again later
                 except CAError as exc:
@@ -256,6 +262,11 @@ class GatewayService:
                                                request.id)
         elif request.op == "simplereenroll":
             data = await self._ra.simplereenroll(request.device_id, request.fields["cms"], request.id)
+        elif request.op == "posture":
+            # the CA verifies the device's signature over its posture; the answer carries no certificate,
+            # so it is published once (not kept for re-delivery: the device signs a fresh one if it missed it)
+            await self._ra.posture(request.device_id, request.fields["cms"], request.id)
+            return {}
         elif request.op == "cacerts":
             return {"certs": (await self._ra.cacerts())["certs"]}
         else:

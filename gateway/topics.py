@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from ca.model import DEVICE_ID_RE
 
 DEFAULT_ROOT = "iomt/v1"
-OPS = ("cacerts", "csrattrs", "simpleenroll", "simplereenroll", "ack")
+# `posture` is the signed one (CMS over the posture JSON); the plain `posture` topic is a report only
+OPS = ("cacerts", "csrattrs", "simpleenroll", "simplereenroll", "ack", "posture")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Topics:
         return f"{self.root}/dev/{device_id}/presence"
 
     def posture(self, device_id: str) -> str:
+        """The plain (unsigned, reported-only) posture topic; signed posture is `request(id, "posture")`."""
         return f"{self.root}/dev/{device_id}/posture"
 
     def notify(self, device_id: str) -> str:

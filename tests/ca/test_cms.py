@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import assume, HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from ca.cms import MAX_CMS_BYTES, SignedRequest, verify_signed_request
@@ -483,6 +483,7 @@ def test_random_bytes_only_raise_typed_errors(data):
 def test_random_bytes_after_a_valid_prefix(ec_request, data):
     cut = data.draw(st.integers(0, len(ec_request) - 1))
     junk = data.draw(st.binary(max_size=64))
+    assume(ec_request[:cut] + junk != ec_request)   # cutting a byte and appending it back is no mutation
     with pytest.raises((BadRequestError, UnauthorizedError)):
         verify_signed_request(ec_request[:cut] + junk)
 

@@ -179,6 +179,29 @@ def test_small_fleet_enrolls_and_renews_every_device(campaign, transport):
 
 
 # -- 4. firmware posture ---------------------------------------------------------------------
+def firmware_changes(audit: list[dict], device_id: str) -> list[dict]:
+    return [r for r in audit if r["device_id"] == device_id and r["action"] == "firmware_changed"]
+
+
+def test_firmware_changes_only_by_the_devices_own_proof(campaign):
+    """The simulator never writes firmware into the registry: every change at the CA is a device
+    proving it, with a signed `req/posture` (MQTT) or a mutual-TLS `POST /iomt/v1/posture` (HTTP)."""
+    run = campaign["posture"].result()
+    summary, audit = run["summary"], run["audit"]
+    assert summary["counts"].get("postures_proven", 0) >= 6, summary["counts"]
+    assert {"mqtt_posture", "http_posture"} <= set(summary["latency"])
+    for i in range(1, 7):
+        device_id = f"sim-{i:05d}"
+        changes = firmware_changes(audit, device_id)
+        assert changes, device_id
+        proof = "mtls" if i % 2 else "cms"   # mixed: odd ids speak HTTP, even ones MQTT
+        for row in changes:
+            assert row["actor"] == f"device:{device_id}", row
+            assert row["detail"].get("proof") == proof, row
+    assert not [r for r in audit if r["actor"].startswith("system:simulator")
+                and r["action"] not in ("device_registered", "token_created")]
+
+
 def test_old_firmware_is_refused_until_the_mqtt_device_upgrades(campaign):
     run = campaign["posture"].result()
     summary, audit = run["summary"], run["audit"]

@@ -93,12 +93,14 @@ class CAServer:
                                    "--http-listen", "127.0.0.1:0"], logs)
         self.est_url = ""
         self.est_port = 0
+        self.http_url = ""   # the OCSP/CRL listener
 
     def start(self, port: int | None = None) -> None:
         port = port if port is not None else 0
         self.proc.argv[self.proc.argv.index("--listen") + 1] = f"127.0.0.1:{port}"
         match = self.proc.start(SERVE_READY, timeout=30)
         self.est_url, self.est_port = match.group(1), int(match.group(2))
+        self.http_url = match.group(3).rstrip("/")
 
     def restart_same_port(self) -> None:
         self.start(self.est_port)
@@ -166,6 +168,10 @@ def register(home: Path, devices: list[tuple], work: Path) -> dict[str, str]:
         device_id, token, _ = line.split(",")
         tokens[device_id] = token
     return tokens
+
+
+def device_show(home: Path, device_id: str) -> dict:
+    return json.loads(iomtca(home, "device", "show", device_id, "--json").stdout)
 
 
 def certificates(home: Path, device_id: str | None = None) -> list[dict]:
@@ -358,6 +364,7 @@ class Device:
         return key, csr
 
     def cms(self, csr: Path, signer_cert: Path | None = None, signer_key: Path | None = None) -> Path:
+        """`openssl cms -sign` over any content (a CSR, a posture JSON): attached, with signingTime."""
         out = csr.with_suffix(".cms")
         run(["openssl", "cms", "-sign", "-binary", "-nodetach", "-in", csr, "-signer", signer_cert or self.cert,
              "-inkey", signer_key or self.key, "-outform", "DER", "-out", out])
@@ -369,6 +376,14 @@ class Device:
 
     def reenroll_request(self, req_id: str, cms: Path) -> dict:
         return {"id": req_id, "cms": b64(cms.read_bytes())}
+
+    def posture_request(self, req_id: str, posture: dict, signer_cert: Path | None = None,
+                        signer_key: Path | None = None) -> dict:
+        """A signed `req/posture`, as a vendor makes it: posture.json -> openssl cms -sign -> base64."""
+        self._n += 1
+        path = self.dir / f"posture{self._n}.json"
+        path.write_text(json.dumps(posture))
+        return {"id": req_id, "cms": b64(self.cms(path, signer_cert, signer_key).read_bytes())}
 
     def send(self, op: str, body: dict | str | bytes) -> None:
         if isinstance(body, dict):
@@ -397,6 +412,19 @@ class Device:
         if answer["status"] == "ok":
             self.adopt(answer, key)
         return answer
+
+    def prove_posture(self, req_id: str, posture: dict, timeout: float = 15, **signer) -> dict:
+        """Publish a signed posture and return its answer on resp/posture."""
+        with Sub(self.port, resp(self.id, "posture")) as sub:
+            self.send("posture", self.posture_request(req_id, posture, **signer))
+            return sub.answer(req_id, timeout)
+
+    def report_posture(self, posture: dict) -> None:
+        """The plain (unsigned) posture message anyone on the broker can publish."""
+        pub(self.port, f"{ROOT}/dev/{self.id}/posture", json.dumps(posture))
+
+    def report_presence(self, state: str = "online") -> None:
+        pub(self.port, f"{ROOT}/dev/{self.id}/presence", state, retain=True)
 
     def adopt(self, answer: dict, key: Path) -> Path:
         self._n += 1
@@ -446,6 +474,31 @@ def openssl_ocsp(home: Path, der: bytes, cert: Path, work: Path) -> str:
     out = (proc.stdout + proc.stderr).decode(errors="replace")
     assert proc.returncode == 0 and "Response verify OK" in out, f"openssl ocsp rejected the response:\n{out}"
     return out
+
+
+def http_ocsp(home: Path, url: str, cert: Path, work: Path) -> str:
+    """Ask the HTTP responder with `openssl ocsp -url` and verify its answer; the text it prints."""
+    proc = run(["openssl", "ocsp", "-url", url, "-issuer", home / "issuing.pem", "-cert", cert,
+                "-VAfile", home / "ocsp.pem", "-CAfile", home / "chain.pem", "-no_nonce"], check=False, timeout=20)
+    out = (proc.stdout + proc.stderr).decode(errors="replace")
+    assert proc.returncode == 0 and "Response verify OK" in out, f"openssl ocsp rejected the response:\n{out}"
+    return out
+
+
+def crl_reasons(der: bytes, work: Path) -> dict[str, str]:
+    """Serial (lowercase hex, no leading zeros) -> reason text ('' if none), as `openssl crl -text` shows."""
+    path = work / f"crl-{time.monotonic_ns()}.der"
+    path.write_bytes(der)
+    text = run(["openssl", "crl", "-inform", "DER", "-in", path, "-noout", "-text"]).stdout.decode()
+    entries: dict[str, str] = {}
+    if "Revoked Certificates:" not in text:
+        return entries
+    body = text.split("Revoked Certificates:", 1)[1].split("Signature Algorithm:", 1)[0]
+    for block in body.split("Serial Number:")[1:]:
+        lines = [line.strip() for line in block.strip().splitlines()]
+        reason = lines[lines.index("X509v3 CRL Reason Code:") + 1] if "X509v3 CRL Reason Code:" in lines else ""
+        entries[lines[0].lower().lstrip("0")] = reason
+    return entries
 
 
 def crl_serials(der: bytes, work: Path) -> set[str]:

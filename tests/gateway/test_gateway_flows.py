@@ -245,7 +245,16 @@ def test_revocation_reaches_ocsp_crl_events_and_the_device(stack):
 
 
 # -- 9. posture --------------------------------------------------------------------------------------
-def test_renewal_refused_below_min_firmware_until_posture_reported(stack):
+def wait_reported_firmware(stack, device_id: str, firmware: str) -> dict:
+    """The CA has the plain posture report (shown as reported_firmware): what it did with it can be judged."""
+    def reported():
+        shown = gwkit.device_show(stack.home, device_id)
+        assert "reported_firmware" in shown, f"`device show --json` has no reported_firmware: {sorted(shown)}"
+        return shown if shown["reported_firmware"] == firmware else None
+    return gwkit.wait_until(reported, 10, interval=0.2, what=f"reported_firmware {firmware} of {device_id}")
+
+
+def test_renewal_refused_below_min_firmware_until_posture_is_signed(stack):
     dev = stack.devices(("fl-posture-1", "oldfw", "1.0"))["fl-posture-1"]
     assert dev.enroll("p-1")["status"] == "ok"
     refused = dev.reenroll("p-2")
@@ -253,11 +262,41 @@ def test_renewal_refused_below_min_firmware_until_posture_reported(stack):
     assert refused["error"]["code"] == "posture_noncompliant", refused
     assert refused["error"]["message"]
 
-    pub_json(stack.port, f"{ROOT}/dev/{dev.id}/posture", {"firmware": "2.1.0", "model": "oldfw"})
-    renewed = dev.reenroll("p-3")
+    # anyone on the broker can claim new firmware for the device: a report, not a proof
+    dev.report_posture({"firmware": "2.1.0", "model": "oldfw"})
+    shown = wait_reported_firmware(stack, dev.id, "2.1.0")
+    assert shown["firmware"] == "1.0", shown
+    still = dev.reenroll("p-3")
+    assert still["status"] == "error" and still["error"]["code"] == "posture_noncompliant", still
+
+    # the device itself signs its posture (openssl cms, as a vendor would), and renews
+    answer = dev.prove_posture("p-4", {"firmware": "2.1.0", "model": "oldfw"})
+    assert answer == {"id": "p-4", "status": "ok"}, answer
+    assert gwkit.device_show(stack.home, dev.id)["firmware"] == "2.1.0"
+    renewed = dev.reenroll("p-5")
     assert renewed["status"] == "ok", renewed
     gwkit.openssl_verify(stack.home, dev.cert)
     assert len(gwkit.certificates(stack.home, dev.id)) == 2
+
+
+def test_signed_posture_is_idempotent_and_answered_once(stack):
+    dev = stack.devices(("fl-posture-2", "pumpx", "1.0"))["fl-posture-2"]
+    assert dev.enroll("q-1")["status"] == "ok"
+    body = dev.posture_request("q-2", {"firmware": "1.1"})
+    with dev.subscribe(client_id=f"{dev.id}-sub") as sub:
+        dev.send("posture", body)
+        first = sub.answer("q-2", topic=resp(dev.id, "posture"))
+        dev.send("posture", body)                      # the same id again: the same answer
+        sub.wait_count(has_id("q-2"), 2, 10, "answers to q-2")
+        # presence online re-publishes unacknowledged certificate answers only, not posture answers
+        pub(stack.port, f"{ROOT}/dev/{dev.id}/presence", "online", retain=True)
+        assert dev.reenroll("q-3")["status"] == "ok"   # a certificate answer, not acknowledged
+        pub(stack.port, f"{ROOT}/dev/{dev.id}/presence", "offline", retain=True)
+        pub(stack.port, f"{ROOT}/dev/{dev.id}/presence", "online", retain=True)
+        sub.wait_count(has_id("q-3"), 2, 10, "q-3 again on presence")
+        sub.quiet_for(0.3)
+    assert first == {"id": "q-2", "status": "ok"}
+    assert sub.with_id("q-2") == [first, first]
 
 
 # -- 10. bad input -------------------------------------------------------------------------------------
@@ -304,7 +343,8 @@ def test_missing_fields_are_bad_requests(stack):
     cases = {"m-1": ("simpleenroll", {"token": "x"}, "csr"),
              "m-2": ("simpleenroll", {"csr": "AAAA"}, "token"),
              "m-3": ("simplereenroll", {}, "cms"),
-             "m-4": ("simpleenroll", {"csr": 42, "token": "x"}, "csr")}
+             "m-4": ("simpleenroll", {"csr": 42, "token": "x"}, "csr"),
+             "m-6": ("posture", {"firmware": "2.0"}, "cms")}
     with Sub(stack.port, resp(device_id)) as sub:
         for req_id, (op, fields, _) in cases.items():
             pub_json(stack.port, req(device_id, op), {"id": req_id, **fields})
