@@ -404,6 +404,10 @@ async def _stop_workers(workers: list[asyncio.subprocess.Process]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+        # read the worker's stdout to its end: the process transport closes only once its pipes have,
+        # and one still open when the loop closes is reported from its __del__ as a traceback
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.stdout.read(), 2.0)
 
 
 # -- worker process entry point -------------------------------------------------------------------
