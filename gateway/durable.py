@@ -11,10 +11,21 @@ its own savepoint (one failing call does not undo the others), and returns only 
 that transaction is committed (synchronous=FULL). Calls made while a transaction is
 being written go into the next one, so a storm of 10,000 requests costs a few hundred
 fsyncs, not 40,000, and a caller's "stored" still means on disk.
+
+Secrets only as long as needed: once a request has its final answer, its payload (a one-time
+token, a signed CSR) is replaced by its SHA-256 digest, which is all that idempotency needs
+(secure_delete zeroes the freed bytes, and the WAL is truncated soon after, so the clear
+payload survives neither in the database file nor in its WAL).
+
+A write that cannot be made (database locked past the busy timeout, disk full, I/O error)
+raises `StoreError`: nothing of that call was stored, and the caller may try again.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
+import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +35,23 @@ from typing import Any, Callable
 
 from ca.timefmt import from_rfc3339, to_rfc3339
 
-SCHEMA = [
+log = logging.getLogger(__name__)
+
+
+def digest(payload: bytes) -> bytes:
+    """What a request is remembered by once answered: SHA-256 of its payload as received."""
+    return hashlib.sha256(payload).digest()
+
+
+def _scrub_answered(c: sqlite3.Connection) -> None:
+    """3: a digest for every request; answered ones keep it instead of their payload (tokens)."""
+    c.execute("ALTER TABLE requests ADD COLUMN digest BLOB")
+    rows = c.execute("SELECT seq, payload FROM requests").fetchall()
+    c.executemany("UPDATE requests SET digest = ? WHERE seq = ?", [(digest(p), seq) for seq, p in rows])
+    c.execute("UPDATE requests SET payload = X'' WHERE state != 'pending'")
+
+
+SCHEMA: list = [
     """
     CREATE TABLE requests (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -65,10 +92,18 @@ SCHEMA = [
         PRIMARY KEY (device_id, kind)
     )
     """,
+    # 3: answered requests keep the digest of their payload, not the payload
+    _scrub_answered,
 ]
 
 CLAIM_TIMEOUT = timedelta(minutes=2)  # a claim older than this belonged to a gateway that died
-BUSY_TIMEOUT_S = 30
+# how long a write waits for another process's lock before it fails with StoreError
+BUSY_TIMEOUT_S = float(os.environ.get("IOMTCA_GATEWAY_DB_BUSY_TIMEOUT", "30"))
+WAL_TRUNCATE_AFTER_S = 1.0  # after payloads were scrubbed: truncate the WAL that still holds them
+
+
+class StoreError(Exception):
+    """The gateway database could not store a write (locked, full, I/O error); nothing of it was kept."""
 
 
 @dataclass(frozen=True)
@@ -80,9 +115,11 @@ class Entry:
     payload: bytes
     state: str
     answer: bytes | None
+    digest: bytes | None = None     # SHA-256 of the payload (the payload itself is gone once answered)
 
 
-_ENTRY = "SELECT seq, device_id, req_id, op, payload, state, answer FROM requests"
+_COLUMNS = "seq, device_id, req_id, op, payload, state, answer, digest"
+_ENTRY = f"SELECT {_COLUMNS} FROM requests"
 Op = Callable[[sqlite3.Connection], Any]
 
 
@@ -93,6 +130,8 @@ class Durable:
         self._c: sqlite3.Connection | None = None
         self._pending: list[tuple[Op, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
+        self._scrubbed = False                              # payloads scrubbed since the WAL was truncated
+        self._truncate_timer: asyncio.TimerHandle | None = None
         self.commits = 0
 
     @classmethod
@@ -105,23 +144,34 @@ class Durable:
         conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA secure_delete = ON")  # a scrubbed payload's bytes are zeroed, not left in free space
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             for number, script in enumerate(SCHEMA[version:], start=version + 1):
-                for statement in filter(str.strip, script.split(";")):
-                    conn.execute(statement)
+                if callable(script):
+                    script(conn)
+                else:
+                    for statement in filter(str.strip, script.split(";")):
+                        conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {number}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             conn.close()
             raise
+        if version < 3 <= len(SCHEMA):
+            self._truncate_wal(conn)  # the migration scrubbed payloads: drop the WAL frames that held them
         self._c = conn
 
     async def close(self) -> None:
         if self._flusher is not None:
             await asyncio.gather(self._flusher, return_exceptions=True)
+        if self._truncate_timer is not None:
+            self._truncate_timer.cancel()
+            self._truncate_timer = None
+        if self._c is not None and self._scrubbed:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._truncate_wal, self._c)
         if self._c is not None:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._c.close)
             self._c = None
@@ -146,17 +196,52 @@ class Durable:
                 try:
                     results = await loop.run_in_executor(self._thread, self._commit, [op for op, _ in batch])
                 except BaseException as exc:  # the transaction failed as a whole: nobody's write counts
+                    if isinstance(exc, (sqlite3.Error, OSError)):
+                        failure: Exception = StoreError(f"gateway database: {exc}")
+                        failure.__cause__ = exc
+                    else:
+                        failure = exc if isinstance(exc, Exception) else RuntimeError(str(exc))
                     for _, future in batch:
                         if not future.done():
-                            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
+                            future.set_exception(failure)
                     if not isinstance(exc, Exception):
                         raise
                     continue
                 for (_, future), (ok, value) in zip(batch, results):
                     if not future.done():
                         future.set_result(value) if ok else future.set_exception(value)
+                if self._scrubbed and self._truncate_timer is None:
+                    self._truncate_timer = loop.call_later(WAL_TRUNCATE_AFTER_S, self._schedule_truncate)
         finally:
             self._flusher = None
+
+    def _schedule_truncate(self) -> None:
+        self._truncate_timer = None
+        if self._c is None:
+            return
+        self._scrubbed = False
+        future = asyncio.get_running_loop().run_in_executor(self._thread, self._truncate_wal, self._c)
+        future.add_done_callback(self._truncated)
+
+    def _truncated(self, future) -> None:
+        if future.cancelled() or future.exception() is not None or not future.result():
+            self._scrubbed = True   # a reader (another gateway) held it, or it failed: again after the next write
+            if self._c is not None and self._truncate_timer is None:
+                self._truncate_timer = asyncio.get_running_loop().call_later(
+                    WAL_TRUNCATE_AFTER_S * 5, self._schedule_truncate)
+
+    @staticmethod
+    def _truncate_wal(c: sqlite3.Connection) -> bool:
+        """Checkpoint and truncate the WAL to zero bytes; False if another connection prevented it."""
+        c.execute("PRAGMA busy_timeout = 200")  # never hold up the group commit behind another gateway
+        try:
+            busy, _, _ = c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            log.info("could not truncate the gateway database's WAL: %s", exc)
+            return False
+        finally:
+            c.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        return busy == 0
 
     def _commit(self, ops: list[Op]) -> list[tuple[bool, Any]]:
         c = self._c
@@ -170,6 +255,10 @@ class Durable:
                 except Exception as exc:
                     c.execute("ROLLBACK TO op")
                     c.execute("RELEASE op")
+                    if isinstance(exc, sqlite3.OperationalError):  # full, locked, I/O: not this caller's bug
+                        failure = StoreError(f"gateway database: {exc}")
+                        failure.__cause__ = exc
+                        exc = failure
                     results.append((False, exc))
                 else:
                     c.execute("RELEASE op")
@@ -187,14 +276,14 @@ class Durable:
                       window: timedelta) -> Entry | None:
         """Record a new request; if this (device, id) was seen within `window`, return that entry instead."""
         def run(c: sqlite3.Connection) -> Entry | None:
-            row = c.execute("SELECT seq, device_id, req_id, op, payload, state, answer, received_at FROM requests "
+            row = c.execute(f"SELECT {_COLUMNS}, received_at FROM requests "
                             "WHERE device_id = ? AND req_id = ?", (device_id, req_id)).fetchone()
             if row is not None:
-                if from_rfc3339(row[7]) >= now - window:
-                    return Entry(*row[:7])
+                if from_rfc3339(row[8]) >= now - window:
+                    return Entry(*row[:8])
                 c.execute("DELETE FROM requests WHERE seq = ?", (row[0],))
-            c.execute("INSERT INTO requests (device_id, req_id, op, payload, received_at) VALUES (?,?,?,?,?)",
-                      (device_id, req_id, op, payload, to_rfc3339(now)))
+            c.execute("INSERT INTO requests (device_id, req_id, op, payload, digest, received_at) "
+                      "VALUES (?,?,?,?,?,?)", (device_id, req_id, op, payload, digest(payload), to_rfc3339(now)))
             return None
         return await self._run(run)
 
@@ -213,7 +302,7 @@ class Durable:
             args += (seq,)
 
         def run(c: sqlite3.Connection) -> Entry | None:
-            row = c.execute("SELECT r.seq, r.device_id, r.req_id, r.op, r.payload, r.state, r.answer "
+            row = c.execute("SELECT r.seq, r.device_id, r.req_id, r.op, r.payload, r.state, r.answer, r.digest "
                             f"FROM requests r WHERE {where} ORDER BY r.seq LIMIT 1", args).fetchone()
             if row is None:
                 return None
@@ -234,13 +323,17 @@ class Durable:
             (to_rfc3339(retry_at) if retry_at else None, seq)))
 
     async def answer(self, seq: int, answer: bytes, now: datetime, *, serial: str | None = None) -> None:
-        """Store the final answer; an ok answer with a new certificate supersedes older unacked ones."""
+        """Store the final answer; an ok answer with a new certificate supersedes older unacked ones.
+
+        The request's payload (its token, its CSR) goes: the digest kept since `receive` is enough
+        to tell a repeat from a different request under the same id."""
         def run(c: sqlite3.Connection) -> None:
             if serial is not None:
                 c.execute("UPDATE requests SET state = 'superseded' WHERE state = 'answered' AND serial IS NOT NULL "
                           "AND device_id = (SELECT device_id FROM requests WHERE seq = ?)", (seq,))
             c.execute("UPDATE requests SET state = 'answered', answer = ?, answered_at = ?, serial = ?, "
-                      "claimed_by = NULL WHERE seq = ?", (answer, to_rfc3339(now), serial, seq))
+                      "claimed_by = NULL, payload = X'' WHERE seq = ?", (answer, to_rfc3339(now), serial, seq))
+            self._scrubbed = True  # seen by the flusher once this transaction is in: it truncates the WAL soon
         await self._run(run)
 
     async def ack(self, device_id: str, req_id: str) -> bool:

@@ -15,7 +15,13 @@ forwarded like every request with the device's CMS for the CA to verify.
 
 Messages are taken in batches (whatever has arrived, up to INTAKE_BATCH) and handled
 concurrently, so their writes share one transaction of the durable store (group
-commit); the batch is PUBACKed, in arrival order, once all of it is stored.
+commit); the batch is PUBACKed, in arrival order, once all of it is stored. A message
+that could not be stored (database locked, disk full) is not PUBACKed: it is kept and
+stored again with back-off (the intake waits meanwhile), and if the gateway stops first
+the broker re-delivers it (QoS 1, persistent session). Neither acknowledged nor lost.
+
+A request id reused for a different payload (compared by digest) is answered
+`bad_request` (MQTT contract): a device that restarted its counter gets no old certificate.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from ca.timefmt import Clock, utc_now
 
 from . import codec
 from .config import GatewayConfig
-from .durable import Durable, Entry
+from .durable import Durable, Entry, StoreError, digest
 from .mqtt import Message, MQTTLink
 from .ra_client import CAUnreachableError, RAClient
 from .topics import Topics
@@ -40,6 +46,8 @@ WORKERS = 32            # concurrent requests to the CA: its group commit needs 
 INTAKE_BATCH = 1000     # messages handled (and stored in one transaction) at a time
 OCSP_PUBLISHERS = 4     # concurrent OCSP publications of new certificates, off the answer path
 QUEUED_AFTER_S = 2.0   # a CA slower than this to answer: tell the device `queued` meanwhile
+STORE_RETRY_FIRST_S = 0.2   # a message that could not be stored: tried again after this,
+STORE_RETRY_MAX_S = 5.0     # doubling up to this, for as long as it takes (its PUBACK waits)
 
 
 class GatewayService:
@@ -69,18 +77,35 @@ class GatewayService:
             batch = [await queue.get()]
             while len(batch) < INTAKE_BATCH and not queue.empty():
                 batch.append(queue.get_nowait())
-            try:
-                # each handler's first write is queued before any other handler runs: arrival order holds
-                await asyncio.gather(*(self._handle_logged(m) for m in batch))
-            finally:
-                for message in batch:
-                    self._link.ack(message)  # PUBACK only now: the request is stored (or answered)
+            await self._store(batch)
+            for message in batch:
+                self._link.ack(message)  # PUBACK only now: each message is stored (or answered or ignored)
 
-    async def _handle_logged(self, message: Message) -> None:
+    async def _store(self, batch: list[Message]) -> None:
+        """Handle a batch until every message of it is stored (or answered, or ignored as bad input)."""
+        delay = STORE_RETRY_FIRST_S
+        while True:
+            # each handler's first write is queued before any other handler runs: arrival order holds
+            handled = await asyncio.gather(*(self._handle_logged(m) for m in batch))
+            batch = [m for m, ok in zip(batch, handled) if not ok]
+            if not batch:
+                return
+            # not acknowledged: kept here and stored again; if we stop first, the broker re-delivers it
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, STORE_RETRY_MAX_S)
+
+    async def _handle_logged(self, message: Message) -> bool:
+        """False if the message could not be stored (it must not be acknowledged yet)."""
         try:
             await self.handle(message)
+        except StoreError as exc:
+            parsed = self.topics.parse(message.topic)  # not None: only device topics reach the store
+            log.error("not stored, not acknowledged, retrying: device=%s kind=%s op=%s req=%s: %s",
+                      parsed.device_id, parsed.kind, parsed.op or "-", codec.read_id(message.payload), exc)
+            return False
         except Exception:
             log.exception("failed to handle message on %s", message.topic)
+        return True
 
     async def handle(self, message: Message) -> None:
         parsed = self.topics.parse(message.topic)
@@ -116,11 +141,14 @@ class GatewayService:
         self._new_work()
 
     async def _repeat(self, request: codec.Request, previous: Entry, payload: bytes) -> None:
-        """The same id again: the same answer (MQTT contract), never a second certificate."""
-        if previous.op != request.op or previous.payload != payload:
-            # the contract keeps the first answer; a device reusing ids after a reboot learns it here
-            log.warning("device %s reused request id %s for a different request; repeating the first answer",
-                        request.device_id, request.id)
+        """The same id again: the same answer (MQTT contract), never a second certificate; the same id
+        for a different request (another op or payload): `bad_request`, never the first answer."""
+        if previous.op != request.op or previous.digest != digest(payload):
+            log.warning("request id reused for a different request: device=%s req=%s op=%s (first: %s); "
+                        "answered bad_request", request.device_id, request.id, request.op, previous.op)
+            await self._publish(request.device_id, request.op, codec.error_from(request.id, BadRequestError(
+                f"request id {request.id!r} was already used for a different request; use a new id")))
+            return
         if previous.answer is not None:
             await self._link.publish(self.topics.response(request.device_id, previous.op), previous.answer,
                                      wait=False)
@@ -156,31 +184,45 @@ class GatewayService:
 
     async def run_reporter(self) -> None:
         while True:
-            reports = await self._db.reports()
-            sent = 0
-            for device_id, kind, payload, at in reports:
-                try:
-                    body = json.loads(payload)
-                    if kind == "presence":
-                        await self._ra.presence(device_id, bool(body["online"]))
-                    else:
-                        await self._ra.reported_posture(device_id, body)
-                except CAUnreachableError:
-                    break  # kept; tried again later
-                except CAError as exc:
-                    log.info("%s of %s refused by the CA: %s", kind, device_id, exc)
-                await self._db.drop_report(device_id, kind, at)
-                sent += 1
-            if sent < len(reports) or not reports:
-                self._reports_wake.clear()
-                try:
-                    await asyncio.wait_for(self._reports_wake.wait(), self.config.retry_every.total_seconds())
-                except asyncio.TimeoutError:
-                    pass
+            try:
+                await self._report_once()
+            except StoreError as exc:
+                log.warning("reports: %s", exc)
+                await asyncio.sleep(self.config.retry_every.total_seconds())
+
+    async def _report_once(self) -> None:
+        """One pass over the stored reports; waits a while when there is nothing (more) to send."""
+        reports = await self._db.reports()
+        sent = 0
+        for device_id, kind, payload, at in reports:
+            try:
+                body = json.loads(payload)
+                if kind == "presence":
+                    await self._ra.presence(device_id, bool(body["online"]))
+                else:
+                    await self._ra.reported_posture(device_id, body)
+            except CAUnreachableError:
+                break  # kept; tried again later
+            except CAError as exc:
+                log.info("%s of %s refused by the CA: %s", kind, device_id, exc)
+            except (ValueError, KeyError, TypeError) as exc:   # a damaged stored report: dropped, not retried
+                log.warning("dropping an unreadable stored %s report of %s: %s", kind, device_id, exc)
+            await self._db.drop_report(device_id, kind, at)
+            sent += 1
+        if sent < len(reports) or not reports:
+            self._reports_wake.clear()
+            try:
+                await asyncio.wait_for(self._reports_wake.wait(), self.config.retry_every.total_seconds())
+            except asyncio.TimeoutError:
+                pass
 
     # -- forwarding -------------------------------------------------------------
     async def run_forwarders(self) -> None:
-        await asyncio.gather(*(self._forwarder(i) for i in range(WORKERS)))
+        # a TaskGroup: if one forwarder dies the others are cancelled with it, so the supervisor's
+        # restart never leaves two sets running
+        async with asyncio.TaskGroup() as group:
+            for index in range(WORKERS):
+                group.create_task(self._forwarder(index))
 
     def _new_work(self) -> None:
         self._work_gen += 1
@@ -192,7 +234,12 @@ class GatewayService:
     async def _forwarder(self, index: int) -> None:
         while True:
             seen = self._work_gen  # work arriving while we look is not missed: we look again at once
-            entry = None if (self._draining and index) else await self._db.claim_next(self._clock())
+            try:
+                entry = None if (self._draining and index) else await self._db.claim_next(self._clock())
+            except StoreError as exc:
+                log.warning("could not claim the next request: %s", exc)
+                await asyncio.sleep(self.config.retry_every.total_seconds())
+                continue
             if entry is None:
                 if index == 0 and self.ca_reachable:
                     self._draining = False  # the backlog is gone: back to parallel forwarding
@@ -206,9 +253,16 @@ class GatewayService:
                 continue
             try:
                 await self._forward(entry)
-            except Exception:
-                log.exception("forwarding request %s of %s failed", entry.req_id, entry.device_id)
-                await self._db.unclaim(entry.seq)
+            except Exception as exc:
+                if isinstance(exc, StoreError):   # e.g. the answer could not be stored: asked again later
+                    log.warning("forwarding request device=%s req=%s: %s", entry.device_id, entry.req_id, exc)
+                else:
+                    log.exception("forwarding request %s of %s failed", entry.req_id, entry.device_id)
+                try:
+                    await self._db.unclaim(entry.seq)
+                except StoreError as exc:  # the claim lapses by itself (CLAIM_TIMEOUT) or at restart
+                    log.warning("could not release request device=%s req=%s: %s", entry.device_id, entry.req_id,
+                                exc)
 
     async def _forward(self, entry: Entry) -> None:
         request = codec.parse_request(entry.device_id, entry.op, entry.payload)

@@ -169,7 +169,7 @@ def test_offline_device_gets_its_answer_when_it_comes_online(stack):
 
 
 # -- 7. idempotency -----------------------------------------------------------------------------------
-def test_same_request_id_twice_gets_the_same_answer(stack):
+def test_same_request_id_twice_gets_the_same_answer_and_another_payload_bad_request(stack):
     dev = stack.devices(("fl-idem-1", "pumpx"))["fl-idem-1"]
     key, csr = dev.new_key_and_csr()
     body = dev.enroll_request("i-1", csr)
@@ -178,13 +178,15 @@ def test_same_request_id_twice_gets_the_same_answer(stack):
         first = sub.answer("i-1")
         dev.send("simpleenroll", body)
         sub.wait_count(has_id("i-1"), 2, 10, "answers to i-1")
-        # even with another CSR under the same id: the stored answer, never a second certificate
+        # another CSR under the same id (a device that reset its counter): bad_request, never the old
+        # certificate and never a second one (MQTT contract)
         _, other_csr = dev.new_key_and_csr()
         dev.send("simpleenroll", dev.enroll_request("i-1", other_csr))
         sub.wait_count(has_id("i-1"), 3, 10, "answers to i-1")
     answers = sub.with_id("i-1")
     assert first["status"] == "ok"
-    assert answers == [first, first, first]
+    assert answers[:2] == [first, first]
+    assert answers[2]["status"] == "error" and answers[2]["error"]["code"] == "bad_request", answers[2]
     assert len(gwkit.certificates(stack.home, dev.id)) == 1
 
 
