@@ -53,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share-group", help="MQTT 5 shared-subscription group, for several gateways on one broker")
     p.add_argument("--no-publish-pki", dest="publish_pki", action="store_const", const=False, default=None,
                    help="leave CRL/OCSP publication to another gateway of the group")
+    # file options are made absolute here; relative ones in [gateway] are under --dir
+    p.add_argument("--broker-ca", metavar="FILE", type=lambda v: Path(v).absolute(),
+                   help="the broker's CA certificate(s), PEM (mqtts:// only; default: the system's)")
+    p.add_argument("--broker-cert", metavar="FILE", type=lambda v: Path(v).absolute(),
+                   help="client certificate for the broker, PEM (mqtts:// only; with --broker-key)")
+    p.add_argument("--broker-key", metavar="FILE", type=lambda v: Path(v).absolute(),
+                   help="its key, PEM; if encrypted, the passphrase comes from $IOMTCA_BROKER_KEY_PASSPHRASE")
+    p.add_argument("--broker-username", metavar="NAME",
+                   help="broker user name; the password comes from $IOMTCA_BROKER_PASSWORD or --broker-password-file")
+    p.add_argument("--broker-password-file", metavar="FILE", type=lambda v: Path(v).absolute(),
+                   help="file holding the broker password (mode 0600; never a password on the command line)")
     p.set_defaults(func=gateway_cmd, log_level=logging.INFO)
 
     p = sub.add_parser("sim", parents=[common], help="run a fleet of simulated devices against the server and gateway")
@@ -93,7 +104,9 @@ async def serve_cmd(args) -> int:
 async def gateway_cmd(args) -> int:
     from gateway.main import run_gateway
     await run_gateway(args.dir, broker=args.broker, ca_url=args.ca_url, client_id=args.client_id,
-                      publish_pki=args.publish_pki, share_group=args.share_group)
+                      publish_pki=args.publish_pki, share_group=args.share_group,
+                      broker_ca=args.broker_ca, broker_cert=args.broker_cert, broker_key=args.broker_key,
+                      broker_username=args.broker_username, broker_password_file=args.broker_password_file)
     return 0
 
 

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from pathlib import Path
+
+from cryptography import x509
 
 from ca.config import CAPaths, load_config
 from ca.keystore import read_passphrase
@@ -18,6 +19,7 @@ from .pki import PKIPublisher
 from .ra_client import RAClient
 from .ra_identity import RAIdentity
 from .service import GatewayService
+from .supervise import Supervisor
 from .topics import Topics, shared
 
 log = logging.getLogger(__name__)
@@ -31,45 +33,55 @@ def subscriptions(config: GatewayConfig) -> list[str]:
 
 async def run_gateway(home: Path, *, broker: str | None = None, ca_url: str | None = None,
                       client_id: str | None = None, publish_pki: bool | None = None,
-                      share_group: str | None = None) -> None:
+                      share_group: str | None = None, **broker_options: Path | str | None) -> None:
     paths = CAPaths(Path(home))
     ca_config = load_config(paths)
     config = load_gateway_config(paths, broker=broker, ca_url=ca_url, client_id=client_id,
-                                 publish_pki=publish_pki, share_group=share_group)
+                                 publish_pki=publish_pki, share_group=share_group, **broker_options)
     passphrase = read_passphrase(ca_config.passphrase_file)
     # The RA credential lives in the CA directory for now; the CA's configured `gateway` lifetime
     # is known here, so a shortened lifetime gets a new certificate at start (as the server's does).
     identity = RAIdentity.in_ca_directory(paths, passphrase, max_lifetime=ca_config.profile("gateway").lifetime)
     ra_context = identity.client_context()
     durable = await Durable.open(config.database, owner=config.client_id)
-    link = MQTTLink(config.broker, config.client_id, subscriptions(config), manual_ack=True)
+    link = MQTTLink(config.broker, config.client_id, subscriptions(config), manual_ack=True, auth=config.broker_auth)
     released = await durable.release_claims()
     if released:
         log.info("took back %d request(s) this gateway was forwarding when it stopped", released)
-    tasks: list[asyncio.Task] = []
+    supervisor = Supervisor()
     async with RAClient(config.ca_url, ra_context) as ra:
-        pki = PKIPublisher(config, link, ra, durable) if config.publish_pki else None
+        pki = PKIPublisher(config, link, ra, durable, issuer=_issuer(paths)) if config.publish_pki else None
         service = GatewayService(config, link, ra, durable, on_issued=pki.certificate_issued if pki else None)
         try:
             await link.start()
-            tasks = [asyncio.create_task(service.run_intake(), name="intake"),
-                     asyncio.create_task(service.run_forwarders(), name="forwarders"),
-                     asyncio.create_task(service.run_reporter(), name="reports"),
-                     asyncio.create_task(_housekeeping(durable, config), name="housekeeping"),
-                     asyncio.create_task(identity.run_renewal(ra), name="ra-renewal")]
+            # every long-running task is supervised: one that dies is logged and restarted with
+            # backoff; no error from the CA, the broker or a payload stops the gateway
+            supervisor.start("intake", service.run_intake)
+            supervisor.start("forwarders", service.run_forwarders)
+            supervisor.start("reports", service.run_reporter)
+            supervisor.start("housekeeping", lambda: _housekeeping(durable, config))
+            supervisor.start("ra-renewal", lambda: identity.run_renewal(ra))
             if pki is not None:
-                tasks.append(asyncio.create_task(pki.run(), name="pki"))
+                supervisor.start("pki", pki.run)
             await link.connected.wait()
             print(f"iomtca gateway: connected broker={config.broker} ca={config.ca_url} "
                   f"client_id={config.client_id}", flush=True)
-            await _until_signalled(tasks)
+            await _until_signalled()
         finally:
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            await supervisor.stop()
             await link.stop()
             await durable.close()
+
+
+def _issuer(paths: CAPaths) -> x509.Certificate | None:
+    """The issuing CA certificate: CRLs and OCSP responses are published only if signed by it
+    (or, for OCSP, by a responder it authorised). None: they are only parsed."""
+    try:
+        return x509.load_pem_x509_certificate(paths.issuing_cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        log.warning("no issuing CA certificate at %s (%s): CRLs and OCSP responses are only parsed before publishing",
+                    paths.issuing_cert, exc)
+        return None
 
 
 async def _housekeeping(durable: Durable, config: GatewayConfig) -> None:
@@ -80,14 +92,9 @@ async def _housekeeping(durable: Durable, config: GatewayConfig) -> None:
             log.info("forgot %d answered requests older than %s", removed, config.answer_ttl)
 
 
-async def _until_signalled(tasks: list[asyncio.Task]) -> None:
+async def _until_signalled() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    waiter = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    for task in done:
-        if task is not waiter and task.exception():
-            raise task.exception()
-    waiter.cancel()
+    await stop.wait()

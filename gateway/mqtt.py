@@ -6,6 +6,12 @@ simulator uses this too). Messages become our own `Message` type here. Each
 QoS 1 publish is tracked by message id with a future that is always resolved
 or failed. On a lost connection the client reconnects by itself with back-off
 (1 s to 30 s) and re-subscribes.
+
+`mqtts://` is TLS 1.2 or newer with the broker's certificate and host name verified
+(`BrokerAuth.ca_file`, else the system's CAs); a client certificate and a username and
+password are optional. A broker that refuses the credentials before the link was ever
+connected is a configuration error (`BrokerRefusedError` out of `connected.wait()`); once
+connected, a refusal on reconnect is retried with the same back-off.
 """
 from __future__ import annotations
 
@@ -13,9 +19,11 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import threading
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import paho.mqtt.client as paho
@@ -42,11 +50,81 @@ class Will:
     retain: bool = True
 
 
+# CONNACK reason codes (MQTT 5, 3.2.2.2) that mean "these credentials are wrong", not "try later"
+_REFUSED_CREDENTIALS = {134, 135, 140}  # bad user name or password, not authorized, bad auth method
+
+
+class BrokerRefusedError(ConnectionError):
+    """The broker refused the link's credentials, or its TLS certificate failed verification."""
+
+
+@dataclass(frozen=True)
+class BrokerAuth:
+    """How the link checks the broker (mqtts) and proves itself to it. Secrets stay out of repr."""
+
+    ca_file: Path | None = None          # the broker's CA; None: the system's trust store
+    cert_file: Path | None = None        # client certificate (PEM), with key_file
+    key_file: Path | None = None
+    key_passphrase: str | None = field(default=None, repr=False)
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def tls_files(self) -> list[str]:
+        return [name for name, value in (("broker_ca", self.ca_file), ("broker_cert", self.cert_file),
+                                         ("broker_key", self.key_file)) if value is not None]
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """TLS 1.2+, the broker's certificate and host name verified. Raises OSError/ssl.SSLError."""
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                             cafile=str(self.ca_file) if self.ca_file else None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert_file is not None:
+            # a callable, so that an encrypted key without passphrase fails instead of prompting on a tty
+            context.load_cert_chain(str(self.cert_file), str(self.key_file) if self.key_file else None,
+                                    password=self._passphrase)
+        return context
+
+    def _passphrase(self) -> bytes:
+        if self.key_passphrase is None:
+            raise ssl.SSLError("the broker client key is encrypted: set IOMTCA_BROKER_KEY_PASSPHRASE")
+        return self.key_passphrase.encode()
+
+
+class _Connected(asyncio.Event):
+    """Set while connected. `wait()` raises the link's fatal error instead, once it has given up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error: BaseException | None = None
+        self._failed = asyncio.Event()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._failed.set()
+
+    async def wait(self) -> bool:
+        if not self.is_set() and self.error is None:
+            waiters = [asyncio.ensure_future(super().wait()), asyncio.ensure_future(self._failed.wait())]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+        if self.error is not None and not self.is_set():
+            raise self.error
+        return True
+
+
 def parse_broker(url: str) -> tuple[str, int, bool]:
     """mqtt://host:1883 or mqtts://host:8883 -> (host, port, tls)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
         raise ValueError(f"broker URL {url!r} must look like mqtt://127.0.0.1:1883")
+    if parts.username is not None or parts.password is not None:
+        # a password in the URL would sit on command lines and in log lines
+        raise ValueError("broker URL must not carry credentials: use broker_username and "
+                         "IOMTCA_BROKER_PASSWORD or broker_password_file")
     return parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883), parts.scheme == "mqtts"
 
 
@@ -54,8 +132,16 @@ class MQTTLink:
     def __init__(self, broker_url: str, client_id: str, subscriptions: list[str], *,
                  session_expiry: int = 7 * 24 * 3600, will: Will | None = None,
                  on_connect: Callable[[], None] | None = None, quiet: bool = False,
-                 manual_ack: bool = False, max_queued: int = 10_000) -> None:
+                 manual_ack: bool = False, max_queued: int = 10_000, auth: BrokerAuth | None = None) -> None:
         self._host, self._port, tls = parse_broker(broker_url)
+        self._url = f"{'mqtts' if tls else 'mqtt'}://{self._host}:{self._port}"
+        auth = auth or BrokerAuth()
+        if auth.tls_files and not tls:
+            raise ValueError(f"{', '.join(auth.tls_files)} need an mqtts:// broker URL, not {broker_url}")
+        self._username = auth.username
+        self._ever_connected = False
+        self._refused = False      # the last CONNACK was a refusal: back off before the next attempt
+        self._delay = 1.0
         self.client_id = client_id
         self._subscriptions = subscriptions
         self._session_expiry = session_expiry
@@ -63,7 +149,7 @@ class MQTTLink:
         self._quiet = quiet
         self._loop: asyncio.AbstractEventLoop | None = None
         self.messages: asyncio.Queue[Message] = asyncio.Queue()
-        self.connected = asyncio.Event()
+        self.connected = _Connected()
         self.reconnects = 0
         self._pending: dict[int, asyncio.Future] = {}
         self._sock = None
@@ -78,7 +164,9 @@ class MQTTLink:
         c.max_inflight_messages_set(100)
         c.max_queued_messages_set(max_queued)  # while disconnected; what is durable elsewhere is re-sent
         if tls:
-            c.tls_set()
+            c.tls_set_context(auth.ssl_context())
+        if auth.username is not None:
+            c.username_pw_set(auth.username, auth.password)
         if will is not None:
             c.will_set(will.topic, will.payload, qos=1, retain=will.retain)
         c.on_connect, c.on_disconnect, c.on_message = self._on_connect, self._on_disconnect, self._on_message
@@ -152,20 +240,39 @@ class MQTTLink:
 
     # -- connection upkeep ----------------------------------------------------------
     async def _keep_connected(self) -> None:
-        delay = 1.0
         while not self._stopping:
             if self._sock is None:
+                if self._refused:  # the broker said no: wait as for an unreachable one
+                    self._refused = False
+                    await self._back_off()
+                    continue
                 try:
                     await self._loop.run_in_executor(None, self._connect_blocking)
-                    delay = 1.0
+                except ssl.SSLCertVerificationError as exc:
+                    if not self._ever_connected:
+                        self._give_up(BrokerRefusedError(
+                            f"TLS: the certificate of broker {self._url} failed verification ({exc.verify_message}); "
+                            "check broker_ca and the host name in the broker URL"))
+                        return
+                    log.warning("TLS: the certificate of broker %s failed verification (%s); retrying in %.0f s",
+                                self._url, exc.verify_message, self._delay)
+                    await self._back_off()
+                    continue
                 except (OSError, paho.WebsocketConnectionError) as exc:
                     if not self._quiet:
-                        log.info("broker %s:%d not reachable (%s); retrying in %.0f s",
-                                 self._host, self._port, exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
+                        log.info("broker %s not reachable (%s); retrying in %.0f s", self._url, exc, self._delay)
+                    await self._back_off()
                     continue
             await asyncio.sleep(0.5)
+
+    async def _back_off(self) -> None:
+        await asyncio.sleep(self._delay)
+        self._delay = min(self._delay * 2, 30.0)
+
+    def _give_up(self, error: BrokerRefusedError) -> None:
+        log.error("%s", error)
+        self._stopping = True
+        self.connected.fail(error)
 
     def _connect_blocking(self) -> None:
         # TCP connect off the loop; paho then calls _on_socket_open, which we hop back to the loop
@@ -188,6 +295,11 @@ class MQTTLink:
 
     def _read(self) -> None:
         self._client.loop_read()
+        # TLS: what is already decrypted in the SSL object does not make the socket readable again
+        sock = self._sock
+        while sock is not None and sock is self._sock and getattr(sock, "pending", None) and sock.pending() > 0:
+            if self._client.loop_read() != paho.MQTT_ERR_SUCCESS:
+                break
 
     def _write(self) -> None:
         self._client.loop_write()
@@ -247,13 +359,24 @@ class MQTTLink:
     # -- paho callbacks (on the event loop) -------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.warning("broker refused connection of %s: %s", self.client_id, reason_code)
+            who = f"user {self._username!r}" if self._username is not None else "an anonymous client"
+            if reason_code.value in _REFUSED_CREDENTIALS and not self._ever_connected:
+                self._give_up(BrokerRefusedError(
+                    f"broker {self._url} refused {self.client_id} as {who}: {reason_code} "
+                    "(check broker_username and its password in IOMTCA_BROKER_PASSWORD or "
+                    "broker_password_file, or broker_cert)"))
+                return
+            self._refused = True
+            log.warning("broker %s refused connection of %s as %s: %s; retrying in %.0f s",
+                        self._url, self.client_id, who, reason_code, self._delay)
             return
+        self._ever_connected = True
+        self._delay = 1.0
         if self._subscriptions:
             client.subscribe([(f, SubscribeOptions(qos=1)) for f in self._subscriptions])
         if not self._quiet:
-            log.info("connected to mqtt://%s:%d as %s (session present: %s)", self._host, self._port,
-                     self.client_id, flags.session_present)
+            log.info("connected to %s as %s%s (session present: %s)", self._url, self.client_id,
+                     f" (user {self._username})" if self._username is not None else "", flags.session_present)
         self.connected.set()
         if self._on_connect_hook:
             self._on_connect_hook()

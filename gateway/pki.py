@@ -16,14 +16,17 @@ import logging
 from datetime import datetime
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509 import ocsp as x509_ocsp
 
+from ca.errors import CAError
 from ca.timefmt import Clock, from_rfc3339, to_rfc3339, utc_now
 
 from .config import GatewayConfig
 from .durable import Durable
 from .mqtt import MQTTLink
-from .ra_client import CAUnreachableError, RAClient
+from .ra_client import RAClient
+from .supervise import backoff
 from .topics import Topics
 
 log = logging.getLogger(__name__)
@@ -34,63 +37,188 @@ LONG_POLL_S = 25
 SWEEP_BATCH = 250
 SWEEP_CONCURRENCY = 4
 EVENT_TYPES = {"revoked": "revoked", "hold": "hold", "good": "released"}
+# What a misbehaving CA gives the loops below: a refusal or an outage (CAError: RemoteError,
+# CAUnreachableError, ...) or an answer of the wrong shape (not JSON, truncated DER, missing keys).
+# Each is logged at WARNING and retried after a backoff; what was published stays published.
+MALFORMED = (ValueError, KeyError, TypeError, AttributeError)
+RA_ERRORS = (CAError, *MALFORMED)
+BACKOFF_CAP_S = 30.0
+
+
+class GarbageError(ValueError):
+    """An answer of the CA that the gateway will not publish: it does not parse or does not verify."""
 
 
 def _refresh_at(this_update: datetime, next_update: datetime | None) -> datetime | None:
     return None if next_update is None else this_update + (next_update - this_update) / 2
 
 
+def _describe(exc: BaseException) -> str:
+    code = f"{exc.code}: " if isinstance(exc, CAError) and getattr(exc, "code", None) else ""
+    return f"{type(exc).__name__} {code}{exc}"[:300]
+
+
+def check_crl(der: bytes, issuer: x509.Certificate | None) -> x509.CertificateRevocationList:
+    """The CRL in `der` if it parses and, with the issuing CA at hand, names it and is signed by it."""
+    try:
+        crl = x509.load_der_x509_crl(der)
+    except ValueError as exc:
+        raise GarbageError(f"CRL does not parse ({len(der)} bytes): {exc}") from None
+    if issuer is not None:
+        if crl.issuer != issuer.subject:
+            raise GarbageError(f"CRL issuer {crl.issuer.rfc4514_string()} is not the issuing CA")
+        try:
+            valid = crl.is_signature_valid(issuer.public_key())
+        except Exception as exc:   # an algorithm or key type cryptography cannot check
+            raise GarbageError(f"CRL signature cannot be checked: {exc}") from None
+        if not valid:
+            raise GarbageError("CRL signature does not verify with the issuing CA's key")
+    return crl
+
+
+def check_ocsp(der: bytes, serial: str, issuer: x509.Certificate | None = None) -> x509_ocsp.OCSPResponse:
+    """The OCSP response in `der` if it parses, is `successful`, is about `serial` (hex) and, with
+    the issuing CA at hand, is signed by it or by a responder it authorised (RFC 6960 4.2.2.2:
+    a certificate it issued with the OCSPSigning key purpose, carried in the response)."""
+    try:
+        resp = x509_ocsp.load_der_ocsp_response(der)
+    except ValueError as exc:
+        raise GarbageError(f"OCSP response for {serial} does not parse ({len(der)} bytes): {exc}") from None
+    if resp.response_status != x509_ocsp.OCSPResponseStatus.SUCCESSFUL:
+        raise GarbageError(f"OCSP response for {serial} is {resp.response_status.name}")
+    if resp.serial_number != int(serial, 16):
+        raise GarbageError(f"OCSP response for {serial} is about {resp.serial_number:x}")
+    if issuer is not None and not any(_signed_by(c.public_key(), resp.signature, resp.tbs_response_bytes,
+                                                 resp.signature_hash_algorithm)
+                                      for c in [issuer, *(c for c in resp.certificates if _authorised(c, issuer))]):
+        raise GarbageError(f"OCSP response for {serial} is not signed by the issuing CA or a responder it authorised")
+    return resp
+
+
+def _authorised(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+        purposes = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except Exception:   # not issued by it, or no key purposes
+        return False
+    return x509.ExtendedKeyUsageOID.OCSP_SIGNING in purposes
+
+
+def _signed_by(key, signature: bytes, data: bytes, algorithm) -> bool:
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, data, ec.ECDSA(algorithm))
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, data, padding.PKCS1v15(), algorithm)
+        elif isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+            key.verify(signature, data)
+        else:
+            return False
+    except Exception:   # InvalidSignature, or an algorithm that does not fit the key
+        return False
+    return True
+
+
+def check_changes(data) -> tuple[list[dict], int]:
+    """(changes, new cursor) of a status-change answer; KeyError/TypeError/ValueError if malformed."""
+    changes, last = data["changes"], data["last"]
+    if not isinstance(changes, list) or not isinstance(last, int) or isinstance(last, bool):
+        raise TypeError(f"status changes of the wrong shape: {str(data)[:200]}")
+    for change in changes:
+        if not isinstance(change, dict) or not isinstance(change["serial"], str):
+            raise TypeError(f"status change of the wrong shape: {str(change)[:200]}")
+        int(change["serial"], 16)
+        for key in ("status", "device_id", "reason", "at"):
+            change[key]
+    return changes, last
+
+
+def check_page(page) -> list[dict]:
+    """A page of the certificate list: a list of objects, each with a hex `serial`."""
+    if not isinstance(page, list):
+        raise TypeError(f"certificate list of the wrong shape: {str(page)[:200]}")
+    for cert in page:
+        if not isinstance(cert, dict) or not isinstance(cert.get("serial"), str):
+            raise TypeError(f"certificate entry of the wrong shape: {str(cert)[:200]}")
+        int(cert["serial"], 16)
+    return page
+
+
 class PKIPublisher:
     def __init__(self, config: GatewayConfig, link: MQTTLink, ra: RAClient, durable: Durable,
-                 clock: Clock = utc_now) -> None:
+                 clock: Clock = utc_now, *, issuer: x509.Certificate | None = None) -> None:
         self._config = config
         self._topics = Topics(config.topic_root)
         self._link = link
         self._ra = ra
         self._db = durable
         self._clock = clock
+        self._issuer = issuer     # the issuing CA: what is published must be signed by it (or its responder)
         self._ocsp_due: dict[str, datetime | None] = {}   # serial -> when to re-publish
         self._crl_due: datetime | None = None
+        self._crl_stale = False   # a CRL publication failed: try again (follower and sweep), with backoff
+        self._crl_failures = 0
+        self._crl_retry_at = 0.0  # loop time before which a stale CRL is not asked for again
+        self._crl_published = False
         self.published_changes = 0
 
     async def run(self) -> None:
-        await asyncio.gather(self._follow(), self._sweep_forever())
+        # a TaskGroup, not gather: if one loop dies the other is cancelled too, so a restart by
+        # the supervisor never leaves two copies running
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._follow(), name="pki-follow")
+            tasks.create_task(self._sweep_forever(), name="pki-sweep")
+
+    def _backoff(self, failures: int) -> float:
+        """retry_every doubling per failure in a row, capped at 30 s, with jitter."""
+        return backoff(failures, self._config.retry_every.total_seconds(), BACKOFF_CAP_S)
+
+    async def _pause(self, what: str, exc: BaseException, failures: int) -> None:
+        delay = self._backoff(failures)
+        log.warning("%s failed (%s); retrying in %.1f s (failure %d in a row)",
+                    what, _describe(exc), delay, failures)
+        await asyncio.sleep(delay)
 
     # -- status changes, within a second -------------------------------------------
     async def _follow(self) -> None:
         cursor = await self._db.cursor("status", default=-1)
+        failures = 0
         while cursor < 0:
             # first run: the sweep publishes every current status; history is not replayed as events
             try:
                 cursor = await self._skip_history()
-            except CAUnreachableError:
-                await asyncio.sleep(self._config.retry_every.total_seconds())
+            except RA_ERRORS as exc:
+                failures += 1
+                await self._pause("skipping the status-change history", exc, failures)
+        failures = 0
         while True:
+            if self._crl_stale:
+                await self._try_publish_crl(retry=True)
             try:
-                data = await self._ra.status_changes(cursor, LONG_POLL_S)
-            except CAUnreachableError:
-                await asyncio.sleep(self._config.retry_every.total_seconds())
-                continue
-            except Exception:
-                log.exception("status-change poll failed")
-                await asyncio.sleep(self._config.retry_every.total_seconds())
-                continue
-            if data["changes"]:
-                try:
-                    await self._apply(data["changes"])
-                except CAUnreachableError:
-                    continue  # same cursor next time: nothing is skipped
-                cursor = data["last"]
-                await self._db.set_cursor("status", cursor)
+                changes, last = check_changes(await self._ra.status_changes(cursor, LONG_POLL_S))
+                if changes:
+                    # on any failure here the same cursor is used next time: nothing is skipped
+                    await self._apply(changes)
+                    cursor = last
+                    await self._db.set_cursor("status", cursor)
+                failures = 0
+            except RA_ERRORS as exc:
+                failures += 1
+                await self._pause(f"following status changes after={cursor}", exc, failures)
+            except Exception:   # our bug, or the disk: logged with its traceback, retried
+                failures += 1
+                delay = self._backoff(failures)
+                log.exception("following status changes after=%d failed; retrying in %.1f s", cursor, delay)
+                await asyncio.sleep(delay)
 
     async def _skip_history(self) -> int:
         cursor = 0
         while True:
-            data = await self._ra.status_changes(cursor, 0)
-            if not data["changes"]:
+            changes, last = check_changes(await self._ra.status_changes(cursor, 0))
+            if not changes:
                 await self._db.set_cursor("status", cursor)
                 return cursor
-            cursor = data["last"]
+            cursor = last
 
     async def _apply(self, changes: list[dict]) -> None:
         for change in changes:
@@ -105,7 +233,9 @@ class PKIPublisher:
                                          json.dumps({"type": kind, "serial": serial, "reason": change["reason"]}
                                                     ).encode(), wait=False)
             self.published_changes += 1
-        await self._publish_crl()
+        # the events are out: a CRL that cannot be had now is retried (follower and sweep), the
+        # changes are not applied twice for it
+        await self._try_publish_crl()
         log.info("published %d status change(s)", len(changes))
 
     async def certificate_issued(self, serial: str) -> None:
@@ -114,43 +244,70 @@ class PKIPublisher:
             try:
                 await self._publish_ocsp(serial)
             except Exception as exc:  # the sweep will catch up
-                log.info("OCSP publication of %s deferred: %s", serial, exc)
+                log.info("OCSP publication of %s deferred: %s", serial, _describe(exc))
 
     async def _publish_ocsp(self, serial: str) -> None:
         await self._publish_response(serial, await self._ra.ocsp(serial))
 
     async def _publish_response(self, serial: str, der: bytes) -> None:
+        resp = check_ocsp(der, serial, self._issuer)   # never a garbage retained response: raises GarbageError
         await self._link.publish(self._topics.ocsp(serial), der, retain=True, wait=False)
-        try:
-            resp = x509_ocsp.load_der_ocsp_response(der)
-            self._ocsp_due[serial] = _refresh_at(resp.this_update_utc, resp.next_update_utc)
-        except ValueError:
-            self._ocsp_due[serial] = None
+        self._ocsp_due[serial] = _refresh_at(resp.this_update_utc, resp.next_update_utc)
 
     async def _publish_crl(self) -> None:
         der = await self._ra.crl()
+        crl = check_crl(der, self._issuer)   # never a garbage retained CRL: raises GarbageError
         await self._link.publish(self._topics.crl, der, retain=True, wait=False)
-        crl = x509.load_der_x509_crl(der)
         self._crl_due = _refresh_at(crl.last_update_utc, crl.next_update_utc)
+        self._crl_stale, self._crl_failures, self._crl_published = False, 0, True
+
+    async def _try_publish_crl(self, *, retry: bool = False) -> bool:
+        """Publish the current CRL; on failure keep the one published and say so (False).
+        The follower's retries (`retry`) wait for a backoff; the sweep asks at its own pace."""
+        loop = asyncio.get_running_loop()
+        if retry and loop.time() < self._crl_retry_at:
+            return False
+        try:
+            await self._publish_crl()
+            return True
+        except RA_ERRORS as exc:
+            self._crl_stale = True
+            self._crl_failures += 1
+            delay = self._backoff(self._crl_failures)
+            self._crl_retry_at = loop.time() + delay
+            log.warning("CRL publication failed (%s); %s; follower retries in %.1f s (failure %d in a row)", _describe(exc),
+                        "the previous CRL stays published" if self._crl_published else "none published yet",
+                        delay, self._crl_failures)
+            return False
 
     # -- the sweep: every certificate, renew notices, refreshes --------------------
     async def _sweep_forever(self) -> None:
+        failures = 0
+        every = self._config.sweep_every.total_seconds()
         while True:
             try:
                 await self.sweep()
-            except CAUnreachableError as exc:
-                log.info("sweep postponed: %s", exc)
-            except Exception:
-                log.exception("sweep failed")
-            await asyncio.sleep(self._config.sweep_every.total_seconds())
+                failures, delay = 0, every
+            except RA_ERRORS as exc:
+                failures += 1
+                delay = min(self._backoff(failures), every)
+                log.warning("sweep failed (%s); next one in %.1f s (failure %d in a row)",
+                            _describe(exc), delay, failures)
+            except Exception:   # our bug, or the disk: logged with its traceback, retried
+                failures += 1
+                delay = min(self._backoff(failures), every)
+                log.exception("sweep failed; next one in %.1f s", delay)
+            await asyncio.sleep(delay)
 
     async def sweep(self) -> None:
         now = self._clock()
-        if self._crl_due is None or now >= self._crl_due:
-            await self._publish_crl()
+        if self._crl_stale or self._crl_due is None or now >= self._crl_due:
+            # each sweep asks for a stale CRL again (the sweep's own pace is its backoff); one
+            # the CA cannot give now does not stop the rest of the sweep
+            await self._try_publish_crl()
         seen, after = set(), ""
         while True:
-            page = await self._ra.certificates(after=after)
+            page = check_page(await self._ra.certificates(after=after))
             due_now = []
             for cert in page:
                 serial = cert["serial"]
@@ -160,7 +317,11 @@ class PKIPublisher:
                     due_now.append(serial)
             await self._publish_many(due_now)
             for cert in page:
-                await self._maybe_notify_renew(cert, now)
+                try:
+                    await self._maybe_notify_renew(cert, now)
+                except MALFORMED as exc:   # one odd entry does not hold back the others' notices
+                    log.warning("no renew notice for serial=%s: entry of the wrong shape (%s)",
+                                cert["serial"], _describe(exc))
             if len(page) < 1000:
                 break
             after = page[-1]["serial"]
@@ -172,7 +333,8 @@ class PKIPublisher:
     async def _publish_many(self, serials: list[str]) -> None:
         """Publish these serials' OCSP responses, fetched in batches with a few CA requests in
         flight; the first failure is raised once the others have finished (what was published
-        stays published)."""
+        stays published). A single response that does not check is skipped (and logged): its
+        serial stays due, so the next sweep asks again."""
         pending = iter([serials[i:i + SWEEP_BATCH] for i in range(0, len(serials), SWEEP_BATCH)])
         errors: list[BaseException] = []
 
@@ -181,8 +343,16 @@ class PKIPublisher:
                 if errors:
                     return
                 try:
-                    for serial, der in (await self._ra.ocsp_many(batch)).items():
-                        await self._publish_response(serial, der)
+                    answers = await self._ra.ocsp_many(batch)
+                    if not isinstance(answers, dict):
+                        raise TypeError(f"OCSP batch answer of the wrong shape: {str(answers)[:200]}")
+                    for serial in batch:
+                        if serial not in answers:
+                            continue
+                        try:
+                            await self._publish_response(serial, answers[serial])
+                        except GarbageError as exc:
+                            log.warning("OCSP response not published: %s", exc)
                 except Exception as exc:
                     errors.append(exc)
                     return

@@ -33,6 +33,23 @@ ROOT = "iomt/v1"
 SUBSCRIBERS: list["Sub"] = []
 
 
+def wait_listening(proc: Proc, ports: list[int], timeout: float = 10) -> None:
+    """Until `proc` accepts TCP connections on every one of `ports` on 127.0.0.1 (bounded)."""
+    deadline = time.monotonic() + timeout
+    for port in ports:
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                pass
+            if not proc.alive:
+                raise AssertionError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.stderr_tail()}")
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{proc.name} not accepting on {port} within {timeout}s")
+            time.sleep(0.02)
+
+
 class Broker:
     """mosquitto on a free port, with persistence, restartable on the same port."""
 
@@ -58,18 +75,7 @@ class Broker:
 
     def start(self, timeout: float = 10) -> None:
         self.proc.start()
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                pass
-            if not self.proc.alive:
-                raise AssertionError(f"mosquitto exited ({self.proc.popen.returncode}):\n{self.proc.stderr_tail()}")
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"mosquitto not accepting on {self.port} within {timeout}s")
-            time.sleep(0.02)
+        wait_listening(self.proc, [self.port], timeout)
 
     def stop(self) -> None:
         self.proc.stop(grace=5)
