@@ -20,6 +20,8 @@ from .codec import cert_pem
 from .config import CAConfig, CAPaths, render_config
 from .errors import ConfigError
 from .issuance import IssuerContext, build_certificate, new_serial, server_names, service_names
+from common.keyfiles import GATEWAY_PASSPHRASE_ENV
+
 from .keystore import PASSPHRASE_ENV, new_passphrase, write_atomic, write_private_key
 from .model import check_trust_domain
 from .ocsp_signer import rotate_responder
@@ -33,6 +35,7 @@ ACTOR = "system:init"
 class InitResult:
     paths: CAPaths
     passphrase_file: Path | None   # None when the passphrase came from the environment
+    gateway_passphrase_file: Path | None   # likewise, for the gateway's RA key
     replaced: Path | None          # where an existing CA directory was moved by --force
 
 
@@ -60,12 +63,9 @@ async def init_ca(home: Path, *, trust_domain: str = "iomt.local", key_type: str
     paths.private.mkdir(mode=0o700, exist_ok=True)
     os.chmod(paths.private, 0o700)
 
-    env_passphrase = os.environ.get(PASSPHRASE_ENV)
-    if env_passphrase:
-        passphrase, passphrase_file = env_passphrase.encode(), None
-    else:
-        passphrase, passphrase_file = new_passphrase(), paths.passphrase
-        write_atomic(passphrase_file, passphrase + b"\n", mode=0o600)
+    passphrase, passphrase_file = _passphrase(PASSPHRASE_ENV, paths.passphrase)
+    # The gateway's RA key has a passphrase of its own: the gateway never holds the CA's.
+    gateway_passphrase, gateway_passphrase_file = _passphrase(GATEWAY_PASSPHRASE_ENV, paths.gateway_passphrase)
 
     names = tuple(dict.fromkeys(CAConfig().server_names + tuple(extra_server_names)))
     config = CAConfig(trust_domain=trust_domain, key_type=key_type, server_names=names,
@@ -103,8 +103,18 @@ async def init_ca(home: Path, *, trust_domain: str = "iomt.local", key_type: str
         ra_key = generate_key(key_type)
         subject, sans = service_names("iomtca-gateway", trust_domain, "ra/gateway")
         ra = await authority.issue_service(ra_key.public_key(), "gateway", subject, sans, actor=ACTOR)
-        write_private_key(paths.ra_key, ra_key, passphrase)
+        write_private_key(paths.ra_key, ra_key, gateway_passphrase)
         write_atomic(paths.ra_cert, cert_pem(ra.certificate) + cert_pem(issuing))
 
         await rotate_responder(authority, actor=ACTOR)
-    return InitResult(paths, passphrase_file, replaced)
+    return InitResult(paths, passphrase_file, gateway_passphrase_file, replaced)
+
+
+def _passphrase(env: str, path: Path) -> tuple[bytes, Path | None]:
+    """The passphrase from `env` if set (nothing written), else a new one written to `path` (0600)."""
+    value = os.environ.get(env)
+    if value:
+        return value.encode(), None
+    value = new_passphrase()
+    write_atomic(path, value + b"\n", mode=0o600)
+    return value, path

@@ -33,6 +33,7 @@ class CAPaths:
     server_key: Path = field(init=False)
     ra_key: Path = field(init=False)
     passphrase: Path = field(init=False)
+    gateway_passphrase: Path = field(init=False)   # the gateway's own: encrypts ra.key, not a CA key
 
     def __post_init__(self) -> None:
         h = self.home
@@ -43,7 +44,7 @@ class CAPaths:
             ra_cert=h / "ra.pem", private=private, root_key=private / "root.key",
             issuing_key=private / "issuing.key", ocsp_signer=private / "ocsp-signer.pem",
             server_key=private / "server.key", ra_key=private / "ra.key",
-            passphrase=private / "passphrase",
+            passphrase=private / "passphrase", gateway_passphrase=private / "gateway-passphrase",
         )
         for name, value in values.items():
             object.__setattr__(self, name, value)

@@ -22,15 +22,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
+from common.renewal import BACKDATE  # noqa: F401 (notBefore is set this far in the past)
+
 from . import der, policy
 from .errors import PolicyViolationError
 from .model import Device, spiffe_id
 from .profiles import Profile
 from .signer import Signer
-
-# notBefore is set this far in the past so devices with slightly slow clocks
-# accept a certificate the moment they receive it.
-BACKDATE = timedelta(minutes=5)
 SERIAL_BITS = 159  # positive, fits the 20-octet limit of RFC 5280 4.1.2.2
 
 

@@ -6,7 +6,7 @@ same arithmetic.
 When a certificate is due: 2/3 of the time from its issuance to its notAfter has passed, or its
 validity is longer than its profile's configured lifetime now allows (an operator who shortens
 `[ca.profiles.server] lifetime` gets a new certificate at the next start). Issuance time is
-notBefore + `issuance.BACKDATE`: counting from the backdated notBefore, a 30 s certificate would be
+notBefore + `common.renewal.BACKDATE`: counting from the backdated notBefore, a 30 s certificate would be
 due the moment it is made.
 
 Every certificate comes from `Authority.issue_service`. A renewal holds an exclusive lock on a file
@@ -27,11 +27,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from common.renewal import issued_at, longer_than, read_cert, renew_at, validity  # noqa: F401 (re-exported)
+
 from . import policy
 from .codec import cert_der, cert_pem
 from .config import CAConfig, CAPaths
 from .errors import CAError, ConfigError, RevokedError, UnauthorizedError
-from .issuance import BACKDATE, proven_key, server_names
+from .issuance import proven_key, server_names
 from .keystore import file_lock, load_private_key, write_atomic, write_private_key
 from .model import AuditEvent, CertStatus, Issued, serial_hex
 from .signer import generate_key
@@ -42,37 +44,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RENEW_AT = 2 / 3
-# Certificates carry whole seconds: a validity this much over the lifetime is rounding, not a
-# longer lifetime.
-SLACK = timedelta(seconds=1)
 SERVER_ACTOR = "system:server-renewal"
 
 
 # -- the arithmetic -----------------------------------------------------------------------------
-
-def issued_at(cert: x509.Certificate) -> datetime:
-    """When `cert` was made: notBefore + BACKDATE (what issuance subtracted). A certificate valid
-    for no longer than BACKDATE cannot have been backdated (one made elsewhere): its notBefore."""
-    not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return not_before + BACKDATE if not_after - not_before > BACKDATE else not_before
-
-
-def validity(cert: x509.Certificate) -> timedelta:
-    """The time from issuance to notAfter."""
-    return cert.not_valid_after_utc - issued_at(cert)
-
-
-def renew_at(cert: x509.Certificate, fraction: float = RENEW_AT) -> datetime:
-    """The renewal point: `fraction` (2/3) of the time from issuance to notAfter."""
-    start = issued_at(cert)
-    return start + (cert.not_valid_after_utc - start) * fraction
-
-
-def longer_than(cert: x509.Certificate, lifetime: timedelta | None) -> bool:
-    """Valid for longer than `lifetime` (the profile's configured lifetime) allows."""
-    return lifetime is not None and validity(cert) > lifetime + SLACK
-
 
 def renewal_due(cert: x509.Certificate, profile_lifetime: timedelta | None, now: datetime) -> bool:
     """Due: past its renewal point, or longer-lived than its profile's lifetime now allows."""
@@ -114,14 +89,6 @@ def service_certificates(paths: CAPaths) -> list[ServiceCert]:
         ServiceCert("gateway RA", "gateway", paths.ra_cert, paths.ra_key, "the gateway, over the RA API"),
         ServiceCert("OCSP responder", "ocsp", paths.ocsp_cert, paths.ocsp_signer, "the EST server"),
     ]
-
-
-def read_cert(path: Path) -> x509.Certificate | None:
-    """The first certificate of a PEM file (leaf, then chain), or None when missing or damaged."""
-    try:
-        return x509.load_pem_x509_certificates(path.read_bytes())[0]
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def server_identity(config: CAConfig) -> tuple[x509.Name, list[x509.GeneralName]]:

@@ -22,4 +22,9 @@ async def run(args) -> int:
               " in production set IOMTCA_PASSPHRASE from a secret store and delete the file)")
     else:
         print("  key passphrase:          taken from IOMTCA_PASSPHRASE (not written to disk)")
+    if result.gateway_passphrase_file:
+        print(f"  gateway key passphrase:  {result.gateway_passphrase_file} (mode 0600; the gateway's own, for its"
+              " RA key; in production set IOMTCA_GATEWAY_PASSPHRASE on the gateway host)")
+    else:
+        print("  gateway key passphrase:  taken from IOMTCA_GATEWAY_PASSPHRASE (not written to disk)")
     return 0

@@ -12,8 +12,8 @@ from datetime import timedelta
 from pathlib import Path
 
 from ca.config import CAPaths
-from ca.errors import BadRequestError, ConfigError
-from ca.timefmt import parse_duration
+from common.errors import BadRequestError, ConfigError
+from common.timefmt import parse_duration
 
 from .mqtt import BrokerAuth, parse_broker
 from .topics import DEFAULT_ROOT

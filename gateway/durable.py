@@ -33,7 +33,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-from ca.timefmt import from_rfc3339, to_rfc3339
+from common.timefmt import from_rfc3339, to_rfc3339
 
 log = logging.getLogger(__name__)
 

@@ -9,15 +9,14 @@ from pathlib import Path
 from cryptography import x509
 
 from ca.config import CAPaths, load_config
-from ca.keystore import read_passphrase
-from ca.timefmt import utc_now
+from common.timefmt import utc_now
 
 from .config import GatewayConfig, load_gateway_config
 from .durable import Durable
 from .mqtt import MQTTLink
 from .pki import PKIPublisher
 from .ra_client import RAClient
-from .ra_identity import RAIdentity
+from .ra_identity import RAIdentity, read_gateway_passphrase
 from .service import GatewayService
 from .supervise import Supervisor
 from .topics import Topics, shared
@@ -38,7 +37,7 @@ async def run_gateway(home: Path, *, broker: str | None = None, ca_url: str | No
     ca_config = load_config(paths)
     config = load_gateway_config(paths, broker=broker, ca_url=ca_url, client_id=client_id,
                                  publish_pki=publish_pki, share_group=share_group, **broker_options)
-    passphrase = read_passphrase(ca_config.passphrase_file)
+    passphrase = read_gateway_passphrase(paths)   # the gateway's own, never the CA's
     # The RA credential lives in the CA directory for now; the CA's configured `gateway` lifetime
     # is known here, so a shortened lifetime gets a new certificate at start (as the server's does).
     identity = RAIdentity.in_ca_directory(paths, passphrase, max_lifetime=ca_config.profile("gateway").lifetime)

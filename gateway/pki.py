@@ -19,8 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509 import ocsp as x509_ocsp
 
-from ca.errors import CAError
-from ca.timefmt import Clock, from_rfc3339, to_rfc3339, utc_now
+from common.errors import CAError
+from common.timefmt import Clock, from_rfc3339, to_rfc3339, utc_now
 
 from .config import GatewayConfig
 from .durable import Durable

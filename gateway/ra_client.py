@@ -14,8 +14,7 @@ import ssl
 
 import aiohttp
 
-from ca.config import CAPaths
-from ca.errors import CAError, PendingApprovalError, UnavailableError
+from common.errors import CAError, PendingApprovalError, UnavailableError
 
 TIMEOUT = aiohttp.ClientTimeout(total=30, connect=5)
 
@@ -30,12 +29,6 @@ class RemoteError(CAError):
     def __init__(self, code: str, message: str, retry_after: int | None = None) -> None:
         super().__init__(message, retry_after=retry_after)
         self.code = code
-
-
-def client_context(paths: CAPaths, passphrase: bytes) -> ssl.SSLContext:
-    """The RA client context of a CA directory's ra.pem/ra.key (owned by gateway/ra_identity.py)."""
-    from .ra_identity import client_context as ra_context
-    return ra_context(paths.ra_cert, paths.ra_key, paths.root_cert, passphrase)
 
 
 class RAClient:

@@ -24,11 +24,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from ca.codec import cert_pem
-from ca.errors import CAError, ConfigError
-from ca.keystore import check_private, file_lock, file_lock_sync, write_atomic, write_private_key
-from ca.service_certs import longer_than, read_cert, renew_at
-from ca.signer import generate_key, hash_for
+from common.errors import CAError, ConfigError
+from common.keyfiles import (GATEWAY_PASSPHRASE_ENV, check_private, file_lock, file_lock_sync, read_secret,
+                             write_atomic, write_private_key)
+from common.keys import generate_key, hash_for
+from common.renewal import longer_than, read_cert, renew_at
 
 if TYPE_CHECKING:
     from ca.config import CAPaths
@@ -39,6 +39,16 @@ log = logging.getLogger(__name__)
 
 CHECK_MAX_S = 60.0        # wake at least this often (a file renewed by another gateway is seen)
 RETRY_S = (2.0, 5.0, 15.0, 30.0, 60.0)   # after a failed renewal
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def read_gateway_passphrase(paths: "CAPaths") -> bytes:
+    """The gateway's own passphrase (of ra.key): $IOMTCA_GATEWAY_PASSPHRASE, else
+    private/gateway-passphrase. Never the CA's passphrase."""
+    return read_secret(GATEWAY_PASSPHRASE_ENV, paths.gateway_passphrase, "gateway passphrase")
 
 
 def _now() -> datetime:
@@ -126,7 +136,7 @@ class RAIdentity:
             answer = await ra.renew(base64.b64encode(der).decode())
             cert, chain = _check_answer(answer, key)
             write_private_key(self.key_path, key, self._passphrase)   # key first, then the certificate
-            write_atomic(self.cert_path, cert_pem(cert) + b"".join(cert_pem(c) for c in chain))
+            write_atomic(self.cert_path, _pem(cert) + b"".join(_pem(c) for c in chain))
             old = self.certificate
             cert, ctx = self._load()
             await ra.use_context(ctx)

@@ -30,8 +30,8 @@ import json
 import logging
 from datetime import timedelta
 
-from ca.errors import BadRequestError, CAError, PendingApprovalError
-from ca.timefmt import Clock, utc_now
+from common.errors import BadRequestError, CAError, PendingApprovalError
+from common.timefmt import Clock, utc_now
 
 from . import codec
 from .config import GatewayConfig

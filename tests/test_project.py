@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("ca", "enroll", "gateway", "firmware_sim", "cli", "bench")
+PACKAGES = ("common", "ca", "enroll", "gateway", "firmware_sim", "cli", "bench")
 
 
 def test_readme_opens_with_the_two_commands():
@@ -31,3 +31,34 @@ def test_every_module_says_what_it_owns():
             if not ast.get_docstring(ast.parse(path.read_text())):
                 missing.append(str(path.relative_to(ROOT)))
     assert missing == [], f"modules without a docstring: {missing}"
+
+
+# The gateway is a registration authority: it talks to the CA only over the RA API.
+GATEWAY_MUST_NOT_IMPORT = ("ca.keystore", "ca.signer", "ca.authority", "ca.store", "ca.bootstrap",
+                           "ca.service_certs", "ca.ocsp_signer", "ca.issuance")
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    return names
+
+
+def test_the_gateway_reaches_no_ca_key_and_no_ca_core():
+    found = {}
+    for path in sorted((ROOT / "gateway").rglob("*.py")):
+        bad = sorted(n for n in _imports(path) if n.startswith(GATEWAY_MUST_NOT_IMPORT))
+        if bad:
+            found[str(path.relative_to(ROOT))] = bad
+    assert found == {}, f"gateway modules importing CA keys or core: {found}"
+
+
+def test_common_depends_on_nothing_of_ours():
+    ours = ("ca", "enroll", "gateway", "firmware_sim", "cli", "bench")
+    found = {str(p.relative_to(ROOT)): sorted(n for n in _imports(p) if n.split(".")[0] in ours)
+             for p in sorted((ROOT / "common").rglob("*.py"))}
+    assert {k: v for k, v in found.items() if v} == {}

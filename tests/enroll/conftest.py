@@ -156,6 +156,11 @@ class CA:
     def passphrase(self) -> str:
         return (self.home / "private" / "passphrase").read_text().strip()
 
+    @property
+    def ra_passphrase(self) -> str:
+        """The gateway's own passphrase, which encrypts ra.key (never the CA's)."""
+        return (self.home / "private" / "gateway-passphrase").read_text().strip()
+
     def unique(self, stem: str) -> str:
         return f"{stem}-{next(_counter)}"
 

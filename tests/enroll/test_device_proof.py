@@ -33,7 +33,7 @@ def device(srv, ca):
 
 def ra(srv, method, path, body):
     ca = srv.ca
-    args = ["-X", method, "--cert", ca.ra_cert, "--key", ca.ra_key, "--pass", ca.passphrase,
+    args = ["-X", method, "--cert", ca.ra_cert, "--key", ca.ra_key, "--pass", ca.ra_passphrase,
             "-H", "Content-Type: application/json",
             "--data-binary", f"@{ca.write('ra-body.json', json.dumps(body).encode())}"]
     return srv.https(path, *args)

@@ -253,7 +253,7 @@ def test_the_gateway_ra_certificate_cannot_renew_into_a_device_certificate(est, 
     _, csr = ca.make_csr(device[0])
     with ca.no_new_certificates():
         reply = est.https(f"{tools.EST}/simplereenroll", "--cert", ca.ra_cert, "--key", ca.ra_key,
-                          "--pass", ca.passphrase, "-H", "Content-Type: application/pkcs10",
+                          "--pass", ca.ra_passphrase, "-H", "Content-Type: application/pkcs10",
                           "--data-binary", f"@{ca.write('ra.b64', tools.b64_body(csr.read_bytes()))}")
     refused(reply, 401, "not a device certificate")
 

@@ -25,7 +25,7 @@ def ca(srv):
 
 
 def ra_args(ca) -> list:
-    return ["--cert", ca.ra_cert, "--key", ca.ra_key, "--pass", ca.passphrase]
+    return ["--cert", ca.ra_cert, "--key", ca.ra_key, "--pass", ca.ra_passphrase]
 
 
 def call(srv, method: str, path: str, body=None, *, client="ra", content_type="application/json"):

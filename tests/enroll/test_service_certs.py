@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from common import renewal
 from ca import service_certs
 from ca.authority import Authority
 from ca.errors import ConfigError
@@ -141,7 +142,7 @@ def test_two_workers_renew_once_per_due_point_and_both_reload(two_workers):
         time.sleep(0.5)
     # one certificate per due point: each issued about 2/3 of the lifetime after the one before,
     # never two at once (a renewal per worker would be two in the same second)
-    issued = [nb + service_certs.BACKDATE for _, nb, _ in short]
+    issued = [nb + renewal.BACKDATE for _, nb, _ in short]
     gaps = [(b - a).total_seconds() for a, b in zip(issued, issued[1:])]
     assert all(gap >= LIFETIME * 2 / 3 - 1.5 for gap in gaps), gaps
     renewals = [r for r in server.ca.audit("certificate_issued") if r["detail"]["profile"] == "server"
@@ -187,7 +188,7 @@ def test_ra_renew_endpoint_issues_the_same_names_for_the_new_key(one_worker, too
     server = one_worker
     ca = server.ca
     key, csr = ca.make_csr("ra-renewal", subject="/CN=ignored")
-    reply = renew_call(server, csr.read_bytes(), cert=ca.ra_cert, key=ca.ra_key, passphrase=ca.passphrase)
+    reply = renew_call(server, csr.read_bytes(), cert=ca.ra_cert, key=ca.ra_key, passphrase=ca.ra_passphrase)
     assert reply.status == 200, reply
     body = reply.json()
     assert body["status"] == "ok" and len(body["chain"]) == 1
@@ -219,11 +220,11 @@ def test_ra_renew_endpoint_refusals(one_worker):
     # a CSR whose signature does not verify: no proof of possession
     der = bytearray(csr.read_bytes())
     der[-3] ^= 0x01
-    reply = renew_call(server, bytes(der), cert=ca.ra_cert, key=ca.ra_key, passphrase=ca.passphrase)
+    reply = renew_call(server, bytes(der), cert=ca.ra_cert, key=ca.ra_key, passphrase=ca.ra_passphrase)
     assert reply.status == 400 and reply.json()["code"] == "bad_request", reply
     # a key the gateway profile does not allow
     _, weak = ca.make_csr("ra-weak", key_type="rsa1024")
-    reply = renew_call(server, weak.read_bytes(), cert=ca.ra_cert, key=ca.ra_key, passphrase=ca.passphrase)
+    reply = renew_call(server, weak.read_bytes(), cert=ca.ra_cert, key=ca.ra_key, passphrase=ca.ra_passphrase)
     assert reply.status == 403 and reply.json()["code"] == "policy_violation", reply
     assert gateway_cert_count(server) == before
     assert len(ca.audit("ra_renewal_refused")) == 2

@@ -70,7 +70,7 @@ def test_gateway_keeps_forwarding_across_ra_renewals(stack_factory):
     key_path = stack.home / "private" / "ra.key"
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
     assert key_path.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
-    passphrase = (stack.home / "private" / "passphrase").read_bytes().strip()
+    passphrase = (stack.home / "private" / "gateway-passphrase").read_bytes().strip()
     assert (load_private_key(key_path, passphrase).public_key().public_bytes(*SPKI)
             == current.public_key().public_bytes(*SPKI))
     # renewed by the gateway over the RA API (its actor in the audit log), each certificate on file
@@ -107,7 +107,7 @@ def test_ra_key_readable_by_others_is_refused(ca_home):
     from gateway.ra_identity import RAIdentity
     from ca.config import CAPaths
     paths = CAPaths(ca_home)
-    passphrase = (ca_home / "private" / "passphrase").read_bytes().strip()
+    passphrase = (ca_home / "private" / "gateway-passphrase").read_bytes().strip()
     identity = RAIdentity.in_ca_directory(paths, passphrase)
     paths.ra_key.chmod(0o640)
     with pytest.raises(ConfigError, match="ra.key is accessible by group or others"):
