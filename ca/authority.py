@@ -196,11 +196,11 @@ class Authority:
                 proven = await proof.prove(tx, self.config, self.issuer.certificate, cert, device_id, now)
                 device = proven.device
                 known, who = device.id, f"device:{device.id}"
-                await proof.count_contact(tx, self.config, proven, now)
-                device = await tx.get_device(device.id)
-                record = await tx.get_certificate(cert.serial_number)
+                device, released = await proof.count_contact(tx, self.config, proven, now)
+                record = proven.record
                 policy.posture_ok(device, self.config.min_firmware_for(device))
-                policy.not_revoked(record)  # still on a non-attendance hold: release_on_return is off
+                if proven.absent_hold and record.serial not in released:
+                    policy.not_revoked(record)  # still on its non-attendance hold: release_on_return is off
                 issued = await self._issue(tx, csr, device, record.profile, now, who, "certificate_renewed",
                                            renews=record.serial, key=key)
                 if request_id is not None:
@@ -248,8 +248,7 @@ class Authority:
                                                          serial=proven.record.serial,
                                                          detail={"from": device.firmware, "to": firmware,
                                                                  "proof": _proof_name(credential)}), now)
-                released = await proof.count_contact(tx, self.config, proven, now)
-                updated = await tx.get_device(device.id)
+                updated, released = await proof.count_contact(tx, self.config, proven, now)
         except SupersededError as exc:
             await self._clone_suspected(now, who, exc)
             raise

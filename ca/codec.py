@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from common.jsonobj import load_object
 
 from .errors import BadRequestError
 
@@ -72,12 +73,4 @@ MAX_POSTURE_BYTES = 16 * 1024
 def posture_json(data: bytes) -> dict:
     """A posture document (the content of a signed posture, or a mutual-TLS posture body): a JSON
     object such as {"firmware": "2.4.1", "model": "..."}, at most 16 KiB."""
-    if len(data) > MAX_POSTURE_BYTES:
-        raise BadRequestError(f"posture is {len(data)} bytes, over the {MAX_POSTURE_BYTES}-byte limit")
-    try:
-        value = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise BadRequestError(f"posture is not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise BadRequestError("posture must be a JSON object such as {\"firmware\": \"2.4.1\"}")
-    return value
+    return load_object(data, what="posture", limit=MAX_POSTURE_BYTES, example='{"firmware": "2.4.1"}')

@@ -65,11 +65,11 @@ async def named_device(tx: Tx, cert: x509.Certificate) -> str | None:
     return record.device_id
 
 
-async def count_contact(tx: Tx, config: CAConfig, proven: Proven, now: datetime) -> list[int]:
+async def count_contact(tx: Tx, config: CAConfig, proven: Proven, now: datetime) -> tuple[Device, list[int]]:
     """The device proved itself now: attendance counted, the certificate marked used, and its
     non-attendance holds lifted when configured and its (proven) posture passes. Returns the
-    serials released."""
+    device as it is now (a posture may have changed its firmware) and the serials released."""
     await tx.record_proven_contact(proven.device.id, now)
     await tx.mark_used(proven.record.serial, now)
-    device = await tx.get_device(proven.device.id)  # as it is now (a posture may have changed firmware)
-    return await attendance.release_returned(tx, config, device, now)
+    device = await tx.get_device(proven.device.id)
+    return device, await attendance.release_returned(tx, config, device, now)

@@ -58,7 +58,7 @@ async def ra_only(request: web.Request, handler):
     return await handler(request)
 
 
-async def _json(request: web.Request) -> dict:
+async def read_json(request: web.Request) -> dict:
     if request.content_type != "application/json":
         raise web.HTTPUnsupportedMediaType(text="Content-Type must be application/json\n")
     try:
@@ -70,14 +70,14 @@ async def _json(request: web.Request) -> dict:
     return body
 
 
-def _field(body: dict, name: str) -> str:
+def string_field(body: dict, name: str) -> str:
     value = body.get(name)
     if not isinstance(value, str) or not value:
         raise BadRequestError(f"field {name!r} is missing or not a string")
     return value
 
 
-def _issued_json(issued: Issued) -> web.Response:
+def issued_json(issued: Issued) -> web.Response:
     return web.json_response({
         "status": "ok", "cert": _b64(cert_der(issued.certificate)),
         "chain": [_b64(cert_der(c)) for c in issued.chain[:1]],
@@ -101,26 +101,26 @@ def _device_id(request: web.Request) -> str:
 
 async def simpleenroll(request: web.Request) -> web.Response:
     device_id = _device_id(request)
-    body = await _json(request)
-    csr = load_csr(b64decode_strict(_field(body, "csr"), "csr"))
-    issued = await request.app[AUTHORITY].enroll(device_id, csr, TokenAuth(_field(body, "token")),
+    body = await read_json(request)
+    csr = load_csr(b64decode_strict(string_field(body, "csr"), "csr"))
+    issued = await request.app[AUTHORITY].enroll(device_id, csr, TokenAuth(string_field(body, "token")),
                                                  request_id=_request_id(body))
-    return _issued_json(issued)
+    return issued_json(issued)
 
 
 async def simplereenroll(request: web.Request) -> web.Response:
     device_id = _device_id(request)
-    body = await _json(request)
-    signed = cms.verify_signed_request(b64decode_strict(_field(body, "cms"), "cms"))
+    body = await read_json(request)
+    signed = cms.verify_signed_request(b64decode_strict(string_field(body, "cms"), "cms"))
     csr = load_csr(signed.csr_der)
     credential = SignedRequestAuth(signed.signer, signing_time=signed.signing_time)
-    return _issued_json(await request.app[AUTHORITY].renew(device_id, csr, credential,
+    return issued_json(await request.app[AUTHORITY].renew(device_id, csr, credential,
                                                            request_id=_request_id(body)))
 
 
 async def presence(request: web.Request) -> web.Response:
     """An unsigned presence report: stored as reported, changes no trust."""
-    body = await _json(request)
+    body = await read_json(request)
     online = body.get("online")
     if not isinstance(online, bool):
         raise BadRequestError("field 'online' must be true or false")
@@ -130,7 +130,7 @@ async def presence(request: web.Request) -> web.Response:
 
 async def reported_posture(request: web.Request) -> web.Response:
     """An unsigned posture report: stored as reported firmware, changes no trust."""
-    await request.app[AUTHORITY].record_reported_posture(_device_id(request), await _json(request))
+    await request.app[AUTHORITY].record_reported_posture(_device_id(request), await read_json(request))
     return web.json_response({"status": "ok"})
 
 
@@ -138,8 +138,8 @@ async def posture(request: web.Request) -> web.Response:
     """A signed posture (MQTT `req/posture`): CMS SignedData over the posture JSON, signed with the
     device's current certificate; verified here end to end, like a renewal."""
     device_id = _device_id(request)
-    body = await _json(request)
-    signed = cms.verify_signed_request(b64decode_strict(_field(body, "cms"), "cms"))
+    body = await read_json(request)
+    signed = cms.verify_signed_request(b64decode_strict(string_field(body, "cms"), "cms"))
     device, released = await request.app[AUTHORITY].prove_posture(
         device_id, posture_json(signed.csr_der), SignedRequestAuth(signed.signer, signing_time=signed.signing_time),
         request_id=_request_id(body))
@@ -215,7 +215,7 @@ OCSP_BATCH_MAX = 1000
 async def ocsp_batch(request: web.Request) -> web.Response:
     """The cached OCSP responses of many serials at once: `{"serials": [hex, ...]}` ->
     `{"responses": {hex: base64 DER}}`."""
-    serials = (await _json(request)).get("serials")
+    serials = (await read_json(request)).get("serials")
     if not isinstance(serials, list) or not 0 < len(serials) <= OCSP_BATCH_MAX:
         raise BadRequestError(f"field 'serials' must be a list of 1 to {OCSP_BATCH_MAX} serial numbers")
     if not all(isinstance(s, str) for s in serials):

@@ -14,7 +14,7 @@ from ca import service_certs
 from ca.codec import b64decode_strict, load_csr
 
 from .identity import peer_certificate
-from .ra import ForbiddenError, _field, _issued_json, _json
+from .ra import ForbiddenError, issued_json, read_json, string_field
 from .state import AUTHORITY, CONFIG
 
 RENEW_PATH = "/ra/v1/renew"
@@ -25,10 +25,10 @@ async def renew(request: web.Request) -> web.Response:
     presented = peer_certificate(request, request.app[CONFIG])
     if presented is None:   # ra_only let it through, so this is a bug rather than a stranger
         raise ForbiddenError("the RA API requires the gateway's registration-authority client certificate")
-    body = await _json(request)
-    csr = load_csr(b64decode_strict(_field(body, "csr"), "csr"))
+    body = await read_json(request)
+    csr = load_csr(b64decode_strict(string_field(body, "csr"), "csr"))
     issued = await service_certs.renew_ra_certificate(request.app[AUTHORITY], presented, csr)
-    return _issued_json(issued)
+    return issued_json(issued)
 
 
 def add_routes(app: web.Application) -> None:

@@ -10,7 +10,7 @@ from ca.codec import cert_pem
 from ca.config import CAPaths
 from ca.errors import CAError
 from ca.keystore import check_private
-from ca.service_certs import read_cert, validity
+from common.renewal import read_cert, validity
 
 from .config import EnrollConfig
 
@@ -68,17 +68,18 @@ class ServerContext:
         self._paths, self._config, self._passphrase = paths, config, passphrase
         self._stamp = _stamp(paths)
         self.context = server_context(paths, config, passphrase)
-        self.serial = self._serial()
         self._failed_stamp: tuple | None = None
+        self._note_certificate()
 
-    def _serial(self) -> int | None:
+    def _note_certificate(self) -> None:
+        """The loaded certificate's serial and validity, read once per load (not at every poll)."""
         cert = read_cert(self._paths.server_cert)
-        return cert.serial_number if cert is not None else None
+        self.serial = cert.serial_number if cert is not None else None
+        self._validity = validity(cert).total_seconds() if cert is not None else None
 
     def poll_interval(self, longest: float = 5.0, shortest: float = 0.25) -> float:
         """Every few seconds, or 1/10 of the certificate's validity when that is shorter."""
-        cert = read_cert(self._paths.server_cert)
-        tenth = validity(cert).total_seconds() / 10 if cert is not None else longest
+        tenth = self._validity / 10 if self._validity is not None else longest
         return max(shortest, min(longest, tenth))
 
     def reload(self) -> ssl.SSLContext | None:
@@ -95,5 +96,5 @@ class ServerContext:
                 self._failed_stamp = stamp
             return None
         self._stamp, self.context, self._failed_stamp = stamp, context, None
-        self.serial = self._serial()
+        self._note_certificate()
         return context

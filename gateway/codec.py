@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ca.errors import BadRequestError, CAError
+from common.errors import BadRequestError, CAError
+from common.jsonobj import load_object
 
 from .topics import OPS
 
@@ -38,14 +39,7 @@ def read_id(payload: bytes) -> str | None:
 
 
 def parse_request(device_id: str, op: str, payload: bytes) -> Request:
-    if len(payload) > MAX_PAYLOAD:
-        raise BadRequestError(f"payload of {len(payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
-    try:
-        body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise BadRequestError(f"payload is not JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise BadRequestError("payload must be a JSON object")
+    body = load_object(payload, what="payload", limit=MAX_PAYLOAD)
     req_id = body.get("id")
     if not isinstance(req_id, str) or not 1 <= len(req_id) <= 64:
         raise BadRequestError("field 'id' must be a string of 1 to 64 characters")
