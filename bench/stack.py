@@ -3,7 +3,9 @@ need the MQTT side (figures 6 and 9). Every process is stopped by its own pid; e
 deadline. Load stays on 127.0.0.1."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sqlite3
 import threading
 import time
@@ -47,13 +49,23 @@ class Gateway(Service):
 
     ready = "connected"
 
-    def __init__(self, home: Path, broker: Broker, server: Server, *, publish_pki: bool = True) -> None:
-        argv = [IOMTCA, "gateway", "--dir", str(home), "--broker", broker.url,
-                "--ca", f"https://127.0.0.1:{server.est_port}", "--client-id", "bench-gateway"]
+    def __init__(self, home: Path, broker: Broker, server: Server, *, publish_pki: bool = True,
+                 name: str = "bench-gateway") -> None:
+        ca_url = f"https://127.0.0.1:{server.est_port}"
+        # set up as an operator would: registered at the CA, enrolled into its own directory
+        self.gwdir = home.parent / f"{home.name}-{name}"
+        if not (self.gwdir / "gateway.toml").exists():
+            added = subprocess.run([IOMTCA, "gateway", "add", name, "--json", "--dir", str(home)], check=True,
+                                   capture_output=True, text=True, timeout=60)
+            subprocess.run([IOMTCA, "gateway", "init", "--dir", str(self.gwdir), "--ca", ca_url, "--root",
+                            str(home / "root.pem"), "--name", name, "--token", "-"], check=True, capture_output=True,
+                           text=True, timeout=60, input=json.loads(added.stdout)["token"] + "\n")
+        argv = [IOMTCA, "gateway", "run", "--dir", str(self.gwdir), "--broker", broker.url,
+                "--ca", ca_url, "--client-id", name]
         if not publish_pki:
             argv.append("--no-publish-pki")
         self.home = home
-        super().__init__(argv, home / "bench-gateway.log", "iomtca gateway")
+        super().__init__(argv, home / f"{name}.log", "iomtca gateway")
 
 
 def status_of(der: bytes) -> str | None:

@@ -354,16 +354,19 @@ class Authority:
         log.warning("enroll refused device=%s code=%s reason=%s", device_id, exc.code, exc.message)
 
     async def issue_service(self, public_key, profile: str, subject: x509.Name,
-                            sans: list[x509.GeneralName], *, actor: str) -> Issued:
-        """Issue an infrastructure certificate (server, gateway/RA, OCSP responder)."""
+                            sans: list[x509.GeneralName], *, actor: str, tx: Tx | None = None) -> Issued:
+        """Issue an infrastructure certificate (server, gateway/RA, OCSP responder). Inside `tx`
+        when given (the caller's checks and records commit with the certificate), else its own."""
+        if tx is None:
+            async with self.store.write() as tx:
+                return await self.issue_service(public_key, profile, subject, sans, actor=actor, tx=tx)
         now = self._clock()
         prof = self.config.profile(profile)
-        async with self.store.write() as tx:
-            serial = await self._fresh_serial(tx)
-            cert = await self._signing(self.issuer.signer, build_certificate, public_key=public_key,
-                                       subject=subject, sans=sans,
-                                       profile=prof, issuer=self.issuer, serial=serial, now=now)
-            await self._persist(tx, cert, None, prof.name, now, actor, "certificate_issued")
+        serial = await self._fresh_serial(tx)
+        cert = await self._signing(self.issuer.signer, build_certificate, public_key=public_key,
+                                   subject=subject, sans=sans,
+                                   profile=prof, issuer=self.issuer, serial=serial, now=now)
+        await self._persist(tx, cert, None, prof.name, now, actor, "certificate_issued")
         log.info("issued service certificate profile=%s serial=%s", prof.name, serial_hex(serial))
         return Issued(cert, self.issuer.chain, None, prof.name)
 

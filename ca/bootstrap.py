@@ -2,8 +2,9 @@
 
 Root CA (long-lived, its key only used here and for future issuing-CA
 rotation), online issuing CA (pathLen 0), delegated OCSP responder, TLS server
-certificate for the enrollment server, RA client certificate for the gateway,
-and config.toml. Private keys are encrypted with the CA passphrase, mode 0600.
+certificate for the enrollment server, and config.toml. No gateway credential:
+each gateway makes its own key on its own host and enrolls with a one-time token
+(`iomtca gateway add`, `iomtca gateway init`, `ca/gateways.py`). Private keys are encrypted with the CA passphrase, mode 0600.
 """
 from __future__ import annotations
 
@@ -19,9 +20,7 @@ from .authority import Authority
 from .codec import cert_pem
 from .config import CAConfig, CAPaths, render_config
 from .errors import ConfigError
-from .issuance import IssuerContext, build_certificate, new_serial, server_names, service_names
-from common.keyfiles import GATEWAY_PASSPHRASE_ENV
-
+from .issuance import IssuerContext, build_certificate, new_serial, server_names
 from .keystore import PASSPHRASE_ENV, new_passphrase, write_atomic, write_private_key
 from .model import check_trust_domain
 from .ocsp_signer import rotate_responder
@@ -35,7 +34,6 @@ ACTOR = "system:init"
 class InitResult:
     paths: CAPaths
     passphrase_file: Path | None   # None when the passphrase came from the environment
-    gateway_passphrase_file: Path | None   # likewise, for the gateway's RA key
     replaced: Path | None          # where an existing CA directory was moved by --force
 
 
@@ -64,8 +62,6 @@ async def init_ca(home: Path, *, trust_domain: str = "iomt.local", key_type: str
     os.chmod(paths.private, 0o700)
 
     passphrase, passphrase_file = _passphrase(PASSPHRASE_ENV, paths.passphrase)
-    # The gateway's RA key has a passphrase of its own: the gateway never holds the CA's.
-    gateway_passphrase, gateway_passphrase_file = _passphrase(GATEWAY_PASSPHRASE_ENV, paths.gateway_passphrase)
 
     names = tuple(dict.fromkeys(CAConfig().server_names + tuple(extra_server_names)))
     config = CAConfig(trust_domain=trust_domain, key_type=key_type, server_names=names,
@@ -100,14 +96,8 @@ async def init_ca(home: Path, *, trust_domain: str = "iomt.local", key_type: str
         write_private_key(paths.server_key, server_key, passphrase)
         write_atomic(paths.server_cert, cert_pem(server.certificate) + cert_pem(issuing))
 
-        ra_key = generate_key(key_type)
-        subject, sans = service_names("iomtca-gateway", trust_domain, "ra/gateway")
-        ra = await authority.issue_service(ra_key.public_key(), "gateway", subject, sans, actor=ACTOR)
-        write_private_key(paths.ra_key, ra_key, gateway_passphrase)
-        write_atomic(paths.ra_cert, cert_pem(ra.certificate) + cert_pem(issuing))
-
         await rotate_responder(authority, actor=ACTOR)
-    return InitResult(paths, passphrase_file, gateway_passphrase_file, replaced)
+    return InitResult(paths, passphrase_file, replaced)
 
 
 def _passphrase(env: str, path: Path) -> tuple[bytes, Path | None]:

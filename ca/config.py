@@ -25,15 +25,12 @@ class CAPaths:
     issuing_cert: Path = field(init=False)
     ocsp_cert: Path = field(init=False)
     server_cert: Path = field(init=False)
-    ra_cert: Path = field(init=False)
     private: Path = field(init=False)
     root_key: Path = field(init=False)
     issuing_key: Path = field(init=False)
     ocsp_signer: Path = field(init=False)
     server_key: Path = field(init=False)
-    ra_key: Path = field(init=False)
     passphrase: Path = field(init=False)
-    gateway_passphrase: Path = field(init=False)   # the gateway's own: encrypts ra.key, not a CA key
 
     def __post_init__(self) -> None:
         h = self.home
@@ -41,10 +38,9 @@ class CAPaths:
         values = dict(
             config=h / "config.toml", root_cert=h / "root.pem", chain=h / "chain.pem",
             issuing_cert=h / "issuing.pem", ocsp_cert=h / "ocsp.pem", server_cert=h / "server.pem",
-            ra_cert=h / "ra.pem", private=private, root_key=private / "root.key",
+            private=private, root_key=private / "root.key",
             issuing_key=private / "issuing.key", ocsp_signer=private / "ocsp-signer.pem",
-            server_key=private / "server.key", ra_key=private / "ra.key",
-            passphrase=private / "passphrase", gateway_passphrase=private / "gateway-passphrase",
+            server_key=private / "server.key", passphrase=private / "passphrase",
         )
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -233,6 +229,10 @@ def load_config(paths: CAPaths) -> CAConfig:
 
 
 def parse_config(raw: dict, home: Path) -> CAConfig:
+    if "gateway" in raw:
+        # every setting does what it says or is refused: the gateway no longer reads this file
+        raise ConfigError("config.toml has a [gateway] section: a gateway's settings live in its own "
+                          "directory (GWDIR/gateway.toml, written by `iomtca gateway init`); remove it here")
     ca = raw.get("ca", {})
     unknown = set(ca) - _CA_KEYS
     if unknown:
@@ -321,7 +321,7 @@ def render_config(cfg: CAConfig, *, passphrase_file: str | None) -> str:
         "# ocsp_signer_lifetime above (or [ca.profiles.ocsp] lifetime, not both).",
         "# [ca.profiles.server]      # the EST server's TLS certificate (server.pem)",
         f"# lifetime = {_toml_str(format_duration(cfg.profile('server').lifetime))}",
-        "# [ca.profiles.gateway]     # the gateway's RA client certificate (ra.pem)",
+        "# [ca.profiles.gateway]     # a gateway's RA client certificate (iomtca gateway add / gateway init)",
         f"# lifetime = {_toml_str(format_duration(cfg.profile('gateway').lifetime))}",
         "",
         "# A further device profile, selected by an EST label (/.well-known/est/demo/...):",

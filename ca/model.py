@@ -8,21 +8,16 @@ from datetime import datetime
 
 from cryptography import x509
 
+from common.ids import DEVICE_ID_RE, check_id  # noqa: F401 (DEVICE_ID_RE re-exported)
+
 from .errors import BadRequestError
 
-# The MQTT contract's device id syntax; also a safe SPIFFE path segment.
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # SPIFFE trust domain: lowercase letters, digits, dots, dashes, underscores.
 TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9._-]{1,255}$")
 
 
 def check_device_id(device_id: str) -> str:
-    if not isinstance(device_id, str) or not DEVICE_ID_RE.match(device_id):
-        raise BadRequestError(
-            f"invalid device id {device_id!r}: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return device_id
+    return check_id(device_id, "device id")
 
 
 def check_trust_domain(name: str) -> str:
@@ -191,3 +186,28 @@ class AuditEvent:
     device_id: str | None = None
     serial: int | None = None
     detail: dict = field(default_factory=dict)
+
+
+class GatewayStatus(str, enum.Enum):
+    """A registered gateway: `registered` until it enrolls with its one-time token, then `active`;
+    `revoked` is final (its RA certificates are revoked and the RA API refuses it)."""
+    REGISTERED = "registered"
+    ACTIVE = "active"
+    REVOKED = "revoked"
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """A gateway (registration authority) as the store keeps it; the token only as a digest."""
+
+    name: str
+    status: GatewayStatus
+    created_at: datetime
+    created_by: str
+    token_digest: bytes | None = None
+    token_expires_at: datetime | None = None
+    enrolled_at: datetime | None = None
+    revoked_at: datetime | None = None
+    # its newest RA certificate, when it has one
+    serial: int | None = None
+    not_after: datetime | None = None

@@ -1,6 +1,6 @@
 """The service certificates of a CA directory and their renewal: when each is due, and the renewals
-themselves (the EST server's TLS certificate; the gateway's RA certificate, renewed over the RA
-API with its current one). The OCSP responder's rotation lives in `ocsp_signer.py` and uses the
+themselves (the EST server's TLS certificate; a gateway's RA certificate, renewed over the RA
+API with its current one: the gateway keeps it in its own directory, `ca/gateways.py` tracks it). The OCSP responder's rotation lives in `ocsp_signer.py` and uses the
 same arithmetic.
 
 When a certificate is due: 2/3 of the time from its issuance to its notAfter has passed, or its
@@ -29,7 +29,7 @@ from cryptography.x509.oid import NameOID
 
 from common.renewal import issued_at, longer_than, read_cert, renew_at, validity  # noqa: F401 (re-exported)
 
-from . import policy
+from . import gateways, policy
 from .codec import cert_der, cert_pem
 from .config import CAConfig, CAPaths
 from .errors import CAError, ConfigError, RevokedError, UnauthorizedError
@@ -86,7 +86,6 @@ class ServiceCert:
 def service_certificates(paths: CAPaths) -> list[ServiceCert]:
     return [
         ServiceCert("server", "server", paths.server_cert, paths.server_key, "the EST server"),
-        ServiceCert("gateway RA", "gateway", paths.ra_cert, paths.ra_key, "the gateway, over the RA API"),
         ServiceCert("OCSP responder", "ocsp", paths.ocsp_cert, paths.ocsp_signer, "the EST server"),
     ]
 
@@ -183,7 +182,8 @@ async def renew_ra_certificate(authority: "Authority", presented: x509.Certifica
         await _check_presented(authority, presented, now)
         key = proven_key(csr)   # proof of possession of the new key
         policy.key_allowed(key, authority.config.profile("gateway"))
-        issued = await authority.issue_service(key, "gateway", presented.subject, _sans(presented), actor=who)
+        record = await authority.certificate(presented.serial_number)
+        issued = await gateways.renew(authority, record, key, presented.subject, _sans(presented), actor=who)
     except CAError as exc:
         async with authority.store.write() as tx:
             await tx.append_audit(AuditEvent("ra_renewal_refused", who, serial=presented.serial_number,
@@ -214,6 +214,18 @@ def _common_name(cert: x509.Certificate) -> str:
     return str(values[0].value) if values else "unknown"
 
 
+async def active_gateway_certificates(store) -> list[tuple[str, x509.Certificate]]:
+    """(name, newest RA certificate) of each active gateway, for `iomtca status`."""
+    found = []
+    async with store.read() as tx:
+        for gateway in await tx.list_gateways():
+            if gateway.status.value == "active" and gateway.serial is not None:
+                record = await tx.get_certificate(gateway.serial)
+                if record is not None:
+                    found.append((gateway.name, x509.load_der_x509_certificate(record.der)))
+    return found
+
+
 # -- what `iomtca status` shows -------------------------------------------------------------------
 
 EXPIRY_WARNING = timedelta(days=30)
@@ -230,8 +242,23 @@ class CertState:
     warning: str | None
 
 
-def directory_status(paths: CAPaths, config: CAConfig, now: datetime) -> list[CertState]:
-    """Each service certificate and the two CA certificates, with renewal points and warnings.
+def _self_renewing(name: str, path: Path, cert: x509.Certificate, profile: str, renewed_by: str,
+                   config: CAConfig, now: datetime) -> CertState:
+    due = renewal_reason(cert, config.profile(profile).lifetime, now)
+    warning = None
+    if cert.not_valid_after_utc <= now:
+        warning = f"{name} certificate expired at {cert.not_valid_after_utc.isoformat()}"
+    elif cert.not_valid_after_utc - now <= EXPIRY_WARNING and now >= renew_at(cert):
+        warning = (f"{name} certificate expires at {cert.not_valid_after_utc.isoformat()} and its "
+                   f"renewal (by {renewed_by}) is overdue")
+    return CertState(name, path, cert, renewed_by, renew_at(cert), due, warning)
+
+
+def directory_status(paths: CAPaths, config: CAConfig, now: datetime,
+                     gateway_certs: list[tuple[str, x509.Certificate]] = ()) -> list[CertState]:
+    """Each service certificate, the newest RA certificate of each active gateway (from the
+    database: the files are on the gateway hosts), and the two CA certificates, with renewal
+    points and warnings.
 
     A self-renewing certificate warns when it expires within 30 days and its renewal is not
     ahead (overdue: is the server or gateway running?); a CA certificate whenever it expires
@@ -244,15 +271,10 @@ def directory_status(paths: CAPaths, config: CAConfig, now: datetime) -> list[Ce
             states.append(CertState(svc.name, svc.cert_path, None, svc.renewed_by, None, "missing or damaged",
                                     f"{svc.name} certificate {svc.cert_path} is missing or damaged"))
             continue
-        lifetime = config.profile(svc.profile).lifetime
-        due = renewal_reason(cert, lifetime, now)
-        warning = None
-        if cert.not_valid_after_utc <= now:
-            warning = f"{svc.name} certificate expired at {cert.not_valid_after_utc.isoformat()}"
-        elif cert.not_valid_after_utc - now <= EXPIRY_WARNING and now >= renew_at(cert):
-            warning = (f"{svc.name} certificate expires at {cert.not_valid_after_utc.isoformat()} and its "
-                       f"renewal (by {svc.renewed_by}) is overdue")
-        states.append(CertState(svc.name, svc.cert_path, cert, svc.renewed_by, renew_at(cert), due, warning))
+        states.append(_self_renewing(svc.name, svc.cert_path, cert, svc.profile, svc.renewed_by, config, now))
+    for gateway, cert in gateway_certs:
+        states.append(_self_renewing(f"gateway {gateway} RA", Path(f"{gateway}:ra.pem"), cert, "gateway",
+                                     f"gateway {gateway}, over the RA API", config, now))
     for name, path in (("issuing CA", paths.issuing_cert), ("root CA", paths.root_cert)):
         cert = read_cert(path)
         warning = None

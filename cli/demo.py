@@ -1,7 +1,8 @@
 """`make demo`: the whole system on local defaults, with no manual step.
 
 A fresh CA, a fleet registered from a generated asset list, the EST server, a
-private mosquitto on a free loopback port, the MQTT gateway, and a mixed fleet
+private mosquitto on a free loopback port, the MQTT gateway (registered with
+`gateway add`, set up in its own directory with `gateway init`), and a mixed fleet
 of simulated devices (a third of them intermittently offline, a few on old
 firmware) for about a minute. Half-way one device is decommissioned; the
 summary shows its peers saw it revoked. Every process it starts, it stops.
@@ -108,7 +109,6 @@ def configure(config: Path) -> None:
     text = text.replace('[ca.profiles.device]\nlifetime = "3d"', '[ca.profiles.device]\nlifetime = "30s"')
     models = "".join(f'[ca.models."{m}"]\nmin_firmware = "2.0.0"\n\n' for m in MODELS)
     text = text.replace("[storage]", models + "[storage]")
-    text += '\n[gateway]\nsweep_every = "2s"\nretry_every = "1s"\n'
     config.write_text(text)
 
 
@@ -149,8 +149,17 @@ def main(argv=None) -> int:
         wait_for_port(mqtt_port)
         procs.start("server", [iomtca, "serve", "--dir", str(home), "--listen", f"127.0.0.1:{est_port}",
                                "--http-listen", f"127.0.0.1:{http_port}"], ready="listening")
-        procs.start("gateway", [iomtca, "gateway", "--dir", str(home), "--broker", broker, "--ca", est],
-                    ready="connected")
+        print("== 3b. register the gateway at the CA, set it up in its own directory, run it", flush=True)
+        gwdir = data / "gateway"
+        added = json.loads(run([iomtca, "gateway", "add", "ward-gw", "--json", "--dir", str(home)],
+                               capture_output=True).stdout)
+        # the token on stdin, never on the command line; the gateway makes its key on its own host
+        run([iomtca, "gateway", "init", "--dir", str(gwdir), "--ca", est, "--root", str(home / "root.pem"),
+             "--name", "ward-gw", "--token", "-", "--broker", broker], input=added["token"] + "\n",
+            stdout=subprocess.DEVNULL)
+        with open(gwdir / "gateway.toml", "a") as fh:   # demo pace: quick sweeps and retries
+            fh.write('sweep_every = "2s"\nretry_every = "1s"\n')
+        procs.start("gateway", [iomtca, "gateway", "run", "--dir", str(gwdir)], ready="connected")
         duration = parse_duration(args.duration).total_seconds()
         print(f"== 4. run the fleet for {args.duration}; {REVOKED_DEVICE} is decommissioned half-way", flush=True)
         sim = procs.start("sim", [iomtca, "sim", "--dir", str(home), "--devices", str(args.devices),
@@ -165,7 +174,8 @@ def main(argv=None) -> int:
         seen = REVOKED_DEVICE in summary["final"]["revoked_seen_by_peers"]
         print(f"== 5. {REVOKED_DEVICE} revoked half-way: its ward peers {'SAW' if seen else 'did NOT see'} "
               "it revoked (verified OCSP over HTTP or the retained MQTT response)")
-        print(f"\ndata: {data}\n  CA directory and database: {home}\n  device folders (keys, certificates): "
+        print(f"\ndata: {data}\n  CA directory and database: {home}\n  gateway directory (no CA key): "
+              f"{data / 'gateway'}\n  device folders (keys, certificates): "
               f"{home / 'sim'}\n  logs: {data / 'logs'}\n  summary: {data / 'summary.json'}")
         return 0 if code == 0 and seen else 1
     finally:

@@ -15,16 +15,12 @@ async def run(args) -> int:
     print(f"  chain (issuing + root):  {p.chain}")
     print(f"  OCSP responder:          {p.ocsp_cert}")
     print(f"  enrollment server cert:  {p.server_cert}")
-    print(f"  gateway RA cert:         {p.ra_cert}")
     print(f"  config:                  {p.config}")
     if result.passphrase_file:
         print(f"  key passphrase:          {result.passphrase_file} (mode 0600; for local use only:"
               " in production set IOMTCA_PASSPHRASE from a secret store and delete the file)")
     else:
         print("  key passphrase:          taken from IOMTCA_PASSPHRASE (not written to disk)")
-    if result.gateway_passphrase_file:
-        print(f"  gateway key passphrase:  {result.gateway_passphrase_file} (mode 0600; the gateway's own, for its"
-              " RA key; in production set IOMTCA_GATEWAY_PASSPHRASE on the gateway host)")
-    else:
-        print("  gateway key passphrase:  taken from IOMTCA_GATEWAY_PASSPHRASE (not written to disk)")
+    print("  gateways:                none yet; register one with `iomtca gateway add NAME` and set it up on its"
+          " own host with `iomtca gateway init`")
     return 0

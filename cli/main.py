@@ -11,7 +11,7 @@ from pathlib import Path
 from ca.errors import CAError, ConfigError
 from ca.signer import KEY_TYPES
 
-from . import cert_cmds, device_cmds, init_cmd, status_cmd
+from . import cert_cmds, device_cmds, gateway_cmds, init_cmd, status_cmd
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 70
@@ -21,10 +21,15 @@ def default_home() -> Path:
     return Path(os.environ.get("IOMTCA_HOME", "./iomtca-data"))
 
 
+def default_gateway_home() -> Path:
+    return Path(os.environ.get("IOMTCA_GATEWAY_HOME", "./iomtca-gateway"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dir", type=Path, default=None,
-                        help="CA directory (default: $IOMTCA_HOME, else ./iomtca-data)")
+                        help="CA directory (default: $IOMTCA_HOME, else ./iomtca-data); for `gateway init` and "
+                             "`gateway run` the gateway's own (default: $IOMTCA_GATEWAY_HOME, else ./iomtca-gateway)")
     parser = argparse.ArgumentParser(prog="iomtca", description="iomt-ca: private CA for connected medical devices")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -46,26 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "([enroll] workers)")
     p.set_defaults(func=serve_cmd, log_level=logging.INFO)
 
-    p = sub.add_parser("gateway", parents=[common], help="run the MQTT gateway (a registration authority)")
-    p.add_argument("--broker", metavar="URL", help="mqtt://HOST:PORT (default from [gateway], mqtt://127.0.0.1:1883)")
-    p.add_argument("--ca", dest="ca_url", metavar="URL", help="the CA's HTTPS URL (default https://127.0.0.1:8443)")
-    p.add_argument("--client-id", help="MQTT client id; distinct for each gateway sharing a broker")
-    p.add_argument("--share-group", help="MQTT 5 shared-subscription group, for several gateways on one broker")
-    p.add_argument("--no-publish-pki", dest="publish_pki", action="store_const", const=False, default=None,
-                   help="leave CRL/OCSP publication to another gateway of the group")
-    # file options are made absolute here; relative ones in [gateway] are under --dir
-    p.add_argument("--broker-ca", metavar="FILE", type=lambda v: Path(v).absolute(),
-                   help="the broker's CA certificate(s), PEM (mqtts:// only; default: the system's)")
-    p.add_argument("--broker-cert", metavar="FILE", type=lambda v: Path(v).absolute(),
-                   help="client certificate for the broker, PEM (mqtts:// only; with --broker-key)")
-    p.add_argument("--broker-key", metavar="FILE", type=lambda v: Path(v).absolute(),
-                   help="its key, PEM; if encrypted, the passphrase comes from $IOMTCA_BROKER_KEY_PASSPHRASE")
-    p.add_argument("--broker-username", metavar="NAME",
-                   help="broker user name; the password comes from $IOMTCA_BROKER_PASSWORD or --broker-password-file")
-    p.add_argument("--broker-password-file", metavar="FILE", type=lambda v: Path(v).absolute(),
-                   help="file holding the broker password (mode 0600; never a password on the command line)")
-    p.set_defaults(func=gateway_cmd, log_level=logging.INFO)
-
     p = sub.add_parser("sim", parents=[common], help="run a fleet of simulated devices against the server and gateway")
     p.add_argument("--devices", type=int, default=20)
     p.add_argument("--transport", choices=("http", "mqtt", "mixed"), default="mixed")
@@ -83,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=sim_cmd, log_level=logging.WARNING)
 
     device_cmds.add_parsers(sub, common)
+    gateway_cmds.add_parsers(sub, common)
     cert_cmds.add_parsers(sub, common)
     status_cmd.add_parsers(sub, common)
     return parser
@@ -101,15 +87,6 @@ async def serve_cmd(args) -> int:
     return await serve(args.dir, listen=args.listen, http_listen=args.http_listen, workers=args.workers)
 
 
-async def gateway_cmd(args) -> int:
-    from gateway.main import run_gateway
-    await run_gateway(args.dir, broker=args.broker, ca_url=args.ca_url, client_id=args.client_id,
-                      publish_pki=args.publish_pki, share_group=args.share_group,
-                      broker_ca=args.broker_ca, broker_cert=args.broker_cert, broker_key=args.broker_key,
-                      broker_username=args.broker_username, broker_password_file=args.broker_password_file)
-    return 0
-
-
 async def sim_cmd(args) -> int:
     from ca.timefmt import parse_duration
     from firmware_sim.fleet import SimOptions, run_sim
@@ -125,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.dir is None:
-        args.dir = default_home()
+        on_gateway_host = getattr(args, "gateway_command", None) in ("init", "run")
+        args.dir = default_gateway_home() if on_gateway_host else default_home()
     # Without -v the CLI speaks only through its own one-line messages.
     quiet = getattr(args, "log_level", logging.CRITICAL)  # servers log at INFO, admin commands stay quiet
     logging.basicConfig(level=logging.INFO if args.verbose else quiet,

@@ -1,12 +1,13 @@
-"""`iomtca status`: the service certificates and the CA certificates of a CA directory, when each
-expires and when it will renew, with warnings for what needs an engineer (read from the files;
-no passphrase needed)."""
+"""`iomtca status`: the service certificates and the CA certificates of a CA directory, and each
+active gateway's RA certificate, when each expires and when it will renew, with warnings for
+what needs an engineer (read from the files and the database; no passphrase needed)."""
 from __future__ import annotations
 
 import json
 
 from ca.config import CAPaths, load_config
-from ca.service_certs import directory_status, validity
+from ca.service_certs import active_gateway_certificates, directory_status, validity
+from ca.store.sqlite import SQLiteStore
 from ca.timefmt import to_rfc3339, utc_now
 
 from .output import print_table
@@ -63,7 +64,12 @@ async def run(args) -> int:
     paths = CAPaths(args.dir)
     config = load_config(paths)
     now = utc_now()
-    states = directory_status(paths, config, now)
+    store = await SQLiteStore.open(config.database)
+    try:
+        gateway_certs = await active_gateway_certificates(store)
+    finally:
+        await store.close()
+    states = directory_status(paths, config, now, gateway_certs)
     rows = [_row(s, now) for s in states]
     warnings = [s.warning for s in states if s.warning]
     if args.json:

@@ -10,7 +10,7 @@ from aiohttp import web
 from ca.authority import Authority
 from ca.ratelimit import FailureLimiter
 
-from . import est, posture, ra, ra_service, responder
+from . import est, gateway_enroll, posture, ra, ra_service, responder
 from .config import EnrollConfig
 from .middleware import errors
 from .publication import Publisher
@@ -34,6 +34,7 @@ def create_app(authority: Authority, config: EnrollConfig, publisher: Publisher,
     ra.add_routes(app)
     ra_service.add_routes(app)
     posture.add_routes(app)
+    gateway_enroll.add_routes(app)
     responder.add_routes(app)
     return app
 

@@ -1,4 +1,4 @@
-"""The [gateway] section of config.toml."""
+"""The [gateway] table of GWDIR/gateway.toml (written by `iomtca gateway init`), with flag overrides."""
 from __future__ import annotations
 
 import os
@@ -11,17 +11,19 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from ca.config import CAPaths
 from common.errors import BadRequestError, ConfigError
+from common.ids import DEVICE_ID_RE
 from common.timefmt import parse_duration
 
+from .home import GatewayHome
 from .mqtt import BrokerAuth, parse_broker
 from .topics import DEFAULT_ROOT
 
 _DURATIONS = {"answer_ttl", "idempotency_window", "retry_every", "sweep_every"}
 _BROKER_FILES = ("broker_ca", "broker_cert", "broker_key", "broker_password_file")
-_KEYS = _DURATIONS | {"broker", "ca_url", "topic_root", "database", "share_group", "client_id",
-                      "publish_pki", "renew_at", "renew_at_high", "broker_username", *_BROKER_FILES}
+_KEYS = _DURATIONS | {"name", "broker", "ca_url", "topic_root", "database", "share_group", "client_id",
+                      "publish_pki", "renew_at", "renew_at_high", "broker_username", *_BROKER_FILES,
+                      "broker_control"}
 # The broker secrets come from the environment (or a 0600 file), never from flags or config.toml.
 PASSWORD_ENV = "IOMTCA_BROKER_PASSWORD"
 KEY_PASSPHRASE_ENV = "IOMTCA_BROKER_KEY_PASSPHRASE"
@@ -29,6 +31,7 @@ KEY_PASSPHRASE_ENV = "IOMTCA_BROKER_KEY_PASSPHRASE"
 
 @dataclass(frozen=True)
 class GatewayConfig:
+    name: str = ""   # as registered at the CA (`iomtca gateway add NAME`); the RA certificate's CN
     broker: str = "mqtt://127.0.0.1:1883"
     ca_url: str = "https://127.0.0.1:8443"
     topic_root: str = DEFAULT_ROOT
@@ -36,7 +39,7 @@ class GatewayConfig:
     # MQTT 5 shared-subscription group: gateways in one group split the requests. Empty: plain
     # subscriptions, which mosquitto 2.0 keeps across a broker restart (it does not keep $share ones).
     share_group: str = ""
-    client_id: str = "iomtca-gateway-1"
+    client_id: str = ""   # default: iomtca-gateway-<name>
     # Unacknowledged answers are kept (and re-published on presence) this long.
     answer_ttl: timedelta = timedelta(days=30)
     # A request id answered within this window gets the same answer again (MQTT contract).
@@ -48,21 +51,29 @@ class GatewayConfig:
     # Tell devices to renew at this fraction of their certificate's lifetime (earlier when high).
     renew_at: float = 2 / 3
     renew_at_high: float = 1 / 2
-    # The broker connection (mqtts:// for the files); relative paths are under the CA directory.
+    # The broker connection (mqtts:// for the files); relative paths are under GWDIR.
     broker_ca: Path | None = None
     broker_cert: Path | None = None
     broker_key: Path | None = None
     broker_username: str = ""
     broker_password_file: Path | None = None
+    # Revocation at the broker: "dynsec" tells mosquitto's dynamic-security plugin to disconnect and
+    # refuse a device whose certificates are revoked or held (gateway/broker_control.py). "": off.
+    broker_control: str = ""
     # Built from the settings above and the environment by load_gateway_config; its repr hides secrets.
     broker_auth: BrokerAuth = field(default_factory=BrokerAuth, compare=False)
 
 
-def load_gateway_config(paths: CAPaths, *, environ: Mapping[str, str] | None = None, **overrides) -> GatewayConfig:
+def load_gateway_config(paths: GatewayHome, *, environ: Mapping[str, str] | None = None,
+                        **overrides) -> GatewayConfig:
     try:
-        raw = tomllib.loads(paths.config.read_text()).get("gateway", {})
+        document = tomllib.loads(paths.config.read_text())
     except (FileNotFoundError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{paths.config}: {exc}") from exc
+    extra = set(document) - {"gateway"}
+    if extra:
+        raise ConfigError(f"{paths.config}: unknown table(s) {', '.join(sorted(extra))}; only [gateway] belongs here")
+    raw = document.get("gateway", {})
     unknown = set(raw) - _KEYS
     if unknown:
         raise ConfigError(f"unknown setting(s) in [gateway]: {', '.join(sorted(unknown))}")
@@ -79,6 +90,11 @@ def load_gateway_config(paths: CAPaths, *, environ: Mapping[str, str] | None = N
             values[key] = paths.home / Path(values[key]).expanduser()
         else:
             values.pop(key, None)
+    name = values.get("name")
+    if not isinstance(name, str) or not DEVICE_ID_RE.match(name):
+        raise ConfigError(f"{paths.config}: [gateway] name must be the name registered at the CA "
+                          f"(iomtca gateway add NAME), not {name!r}")
+    values.setdefault("client_id", f"iomtca-gateway-{name}")
     cfg = GatewayConfig(**values)
     try:
         _, _, tls = parse_broker(cfg.broker)
@@ -87,7 +103,18 @@ def load_gateway_config(paths: CAPaths, *, environ: Mapping[str, str] | None = N
     cfg = dataclasses.replace(cfg, broker_auth=_broker_auth(cfg, tls, os.environ if environ is None else environ))
     if not 0 < cfg.renew_at_high <= cfg.renew_at < 1:
         raise ConfigError("[gateway] needs 0 < renew_at_high <= renew_at < 1")
+    _check_broker_control(cfg)
     return cfg
+
+
+def _check_broker_control(cfg: GatewayConfig) -> None:
+    """broker_control does what it says or is refused: a known mode, on the gateway that follows the
+    CA's status changes (the PKI-publishing one: the others never hear of a revocation)."""
+    if cfg.broker_control not in ("", "dynsec"):
+        raise ConfigError(f"[gateway] broker_control must be \"dynsec\" or \"\" (off), not {cfg.broker_control!r}")
+    if cfg.broker_control and not cfg.publish_pki:
+        raise ConfigError("[gateway] broker_control needs publish_pki: only the PKI-publishing gateway follows "
+                          "the CA's status changes (set broker_control on that one)")
 
 
 def _broker_auth(cfg: GatewayConfig, tls: bool, environ: Mapping[str, str]) -> BrokerAuth:

@@ -1,4 +1,5 @@
-"""`iomtca gateway`: wire the MQTT link, the RA client and the durable store, and run until signalled."""
+"""`iomtca gateway run --dir GWDIR`: wire the MQTT link, the RA client and the durable store, and run until
+signalled. GWDIR is the gateway's own directory (`gateway/home.py`, made by `iomtca gateway init`)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,15 +9,16 @@ from pathlib import Path
 
 from cryptography import x509
 
-from ca.config import CAPaths, load_config
 from common.timefmt import utc_now
 
 from .config import GatewayConfig, load_gateway_config
 from .durable import Durable
+from .home import GatewayHome
 from .mqtt import MQTTLink
+from .broker_control import BrokerControl
 from .pki import PKIPublisher
 from .ra_client import RAClient
-from .ra_identity import RAIdentity, read_gateway_passphrase
+from .ra_identity import RAIdentity
 from .service import GatewayService
 from .supervise import Supervisor
 from .topics import Topics, shared
@@ -33,14 +35,12 @@ def subscriptions(config: GatewayConfig) -> list[str]:
 async def run_gateway(home: Path, *, broker: str | None = None, ca_url: str | None = None,
                       client_id: str | None = None, publish_pki: bool | None = None,
                       share_group: str | None = None, **broker_options: Path | str | None) -> None:
-    paths = CAPaths(Path(home))
-    ca_config = load_config(paths)
+    paths = GatewayHome(Path(home).absolute())
+    paths.check_ready()   # its own directory, set up by `gateway init`; never a CA directory
     config = load_gateway_config(paths, broker=broker, ca_url=ca_url, client_id=client_id,
                                  publish_pki=publish_pki, share_group=share_group, **broker_options)
-    passphrase = read_gateway_passphrase(paths)   # the gateway's own, never the CA's
-    # The RA credential lives in the CA directory for now; the CA's configured `gateway` lifetime
-    # is known here, so a shortened lifetime gets a new certificate at start (as the server's does).
-    identity = RAIdentity.in_ca_directory(paths, passphrase, max_lifetime=ca_config.profile("gateway").lifetime)
+    passphrase = paths.read_passphrase()   # the gateway's own, never the CA's
+    identity = RAIdentity.in_home(paths, passphrase)
     ra_context = identity.client_context()
     durable = await Durable.open(config.database, owner=config.client_id)
     link = MQTTLink(config.broker, config.client_id, subscriptions(config), manual_ack=True, auth=config.broker_auth)
@@ -49,7 +49,9 @@ async def run_gateway(home: Path, *, broker: str | None = None, ca_url: str | No
         log.info("took back %d request(s) this gateway was forwarding when it stopped", released)
     supervisor = Supervisor()
     async with RAClient(config.ca_url, ra_context) as ra:
-        pki = PKIPublisher(config, link, ra, durable, issuer=_issuer(paths)) if config.publish_pki else None
+        control = BrokerControl.for_gateway(config, ra)   # None unless [gateway] broker_control is set
+        pki = PKIPublisher(config, link, ra, durable, issuer=_issuer(paths),
+                           broker_control=control) if config.publish_pki else None
         service = GatewayService(config, link, ra, durable, on_issued=pki.certificate_issued if pki else None)
         try:
             await link.start()
@@ -62,9 +64,11 @@ async def run_gateway(home: Path, *, broker: str | None = None, ca_url: str | No
             supervisor.start("ra-renewal", lambda: identity.run_renewal(ra))
             if pki is not None:
                 supervisor.start("pki", pki.run)
+            if control is not None:
+                supervisor.start("broker-control", control.run)
             await link.connected.wait()
             print(f"iomtca gateway: connected broker={config.broker} ca={config.ca_url} "
-                  f"client_id={config.client_id}", flush=True)
+                  f"client_id={config.client_id} name={config.name}", flush=True)
             await _until_signalled()
         finally:
             await supervisor.stop()
@@ -72,14 +76,14 @@ async def run_gateway(home: Path, *, broker: str | None = None, ca_url: str | No
             await durable.close()
 
 
-def _issuer(paths: CAPaths) -> x509.Certificate | None:
-    """The issuing CA certificate: CRLs and OCSP responses are published only if signed by it
-    (or, for OCSP, by a responder it authorised). None: they are only parsed."""
+def _issuer(paths: GatewayHome) -> x509.Certificate | None:
+    """The issuing CA certificate (second in ra.pem): CRLs and OCSP responses are published only
+    if signed by it (or, for OCSP, by a responder it authorised). None: they are only parsed."""
     try:
-        return x509.load_pem_x509_certificate(paths.issuing_cert.read_bytes())
-    except (OSError, ValueError) as exc:
-        log.warning("no issuing CA certificate at %s (%s): CRLs and OCSP responses are only parsed before publishing",
-                    paths.issuing_cert, exc)
+        return x509.load_pem_x509_certificates(paths.ra_cert.read_bytes())[1]
+    except (OSError, ValueError, IndexError) as exc:
+        log.warning("no issuing CA certificate in %s (%s): CRLs and OCSP responses are only parsed before publishing",
+                    paths.ra_cert, exc)
         return None
 
 

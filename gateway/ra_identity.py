@@ -1,10 +1,9 @@
 """The gateway's RA credential: its key and certificate files, the client TLS context made from
 them, and their renewal over the RA API with the current certificate (`POST /ra/v1/renew`).
 
-Paths and the passphrase are explicit, so the credential can live in any directory (the CA's
-today, the gateway's own later). Renewal happens at 2/3 of the time from issuance to notAfter (the
+Paths and the passphrase are explicit; `gateway run` takes them from GWDIR (`gateway/home.py`). Renewal happens at 2/3 of the time from issuance to notAfter (the
 rule of `ca/service_certs.py`), and at start when the certificate is valid for longer than
-`max_lifetime` (the CA's configured `gateway` lifetime, when the gateway knows it). Several gateways
+`max_lifetime`, when one is given. Several gateways
 sharing the files renew once: the renewal holds an exclusive lock on a file beside the key and
 looks again under it; readers take the lock shared. The new key is written before the new
 certificate, each atomically; then the RA client switches to a context with the new pair (requests
@@ -25,14 +24,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from common.errors import CAError, ConfigError
-from common.keyfiles import (GATEWAY_PASSPHRASE_ENV, check_private, file_lock, file_lock_sync, read_secret,
-                             write_atomic, write_private_key)
+from common.keyfiles import check_private, file_lock, file_lock_sync, write_atomic, write_private_key
 from common.keys import generate_key, hash_for
 from common.renewal import longer_than, read_cert, renew_at
 
 if TYPE_CHECKING:
-    from ca.config import CAPaths
-
+    from .home import GatewayHome
     from .ra_client import RAClient
 
 log = logging.getLogger(__name__)
@@ -43,12 +40,6 @@ RETRY_S = (2.0, 5.0, 15.0, 30.0, 60.0)   # after a failed renewal
 
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def read_gateway_passphrase(paths: "CAPaths") -> bytes:
-    """The gateway's own passphrase (of ra.key): $IOMTCA_GATEWAY_PASSPHRASE, else
-    private/gateway-passphrase. Never the CA's passphrase."""
-    return read_secret(GATEWAY_PASSPHRASE_ENV, paths.gateway_passphrase, "gateway passphrase")
 
 
 def _now() -> datetime:
@@ -76,8 +67,8 @@ class RAIdentity:
         self.certificate: x509.Certificate | None = None   # the one the client context presents
 
     @classmethod
-    def in_ca_directory(cls, paths: "CAPaths", passphrase: bytes, **kw) -> "RAIdentity":
-        return cls(paths.ra_cert, paths.ra_key, paths.root_cert, passphrase, **kw)
+    def in_home(cls, home: "GatewayHome", passphrase: bytes, **kw) -> "RAIdentity":
+        return cls(home.ra_cert, home.ra_key, home.root_cert, passphrase, **kw)
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -134,7 +125,7 @@ class RAIdentity:
                    .sign(key, hash_for(key)))
             der = csr.public_bytes(serialization.Encoding.DER)
             answer = await ra.renew(base64.b64encode(der).decode())
-            cert, chain = _check_answer(answer, key)
+            cert, chain = check_answer(answer, key)
             write_private_key(self.key_path, key, self._passphrase)   # key first, then the certificate
             write_atomic(self.cert_path, _pem(cert) + b"".join(_pem(c) for c in chain))
             old = self.certificate
@@ -178,20 +169,20 @@ def _key_type(public_key) -> str:
     return "ec-p256"
 
 
-def _check_answer(answer: dict, key) -> tuple[x509.Certificate, list[x509.Certificate]]:
+def check_answer(answer: dict, key) -> tuple[x509.Certificate, list[x509.Certificate]]:
     """The CA's answer must be a certificate for our new key, issued by the chain it sent."""
     try:
         cert = x509.load_der_x509_certificate(base64.b64decode(answer["cert"]))
         chain = [x509.load_der_x509_certificate(base64.b64decode(c)) for c in answer.get("chain", [])]
     except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"the CA's renewal answer is malformed: {exc}") from exc
+        raise ConfigError(f"the CA's answer is malformed: {exc}") from exc
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
-        raise ConfigError("the CA's renewed RA certificate is not for the key we sent")
+        raise ConfigError("the CA's RA certificate is not for the key we sent")
     if not chain:
-        raise ConfigError("the CA's renewal answer carries no issuing CA")
+        raise ConfigError("the CA's answer carries no issuing CA")
     try:
         cert.verify_directly_issued_by(chain[0])
     except Exception as exc:   # InvalidSignature, ValueError, TypeError
-        raise ConfigError(f"the CA's renewed RA certificate is not signed by its issuing CA: {exc}") from exc
+        raise ConfigError(f"the CA's RA certificate is not signed by its issuing CA: {exc}") from exc
     return cert, chain[:1]

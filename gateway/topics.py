@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ca.model import DEVICE_ID_RE
+from common.ids import DEVICE_ID_RE
 
 DEFAULT_ROOT = "iomt/v1"
 # `posture` is the signed one (CMS over the posture JSON); the plain `posture` topic is a report only

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-UNSET_ENV = ("IOMTCA_PASSPHRASE", "IOMTCA_HOME")
+UNSET_ENV = ("IOMTCA_PASSPHRASE", "IOMTCA_HOME", "IOMTCA_GATEWAY_HOME", "IOMTCA_GATEWAY_PASSPHRASE", "IOMTCA_GATEWAY_TOKEN")
 
 # Everything started through Proc, for the failure report and the last-resort clean-up.
 PROCESSES: list["Proc"] = []

@@ -34,10 +34,6 @@ def test_every_module_says_what_it_owns():
 
 
 # The gateway is a registration authority: it talks to the CA only over the RA API.
-GATEWAY_MUST_NOT_IMPORT = ("ca.keystore", "ca.signer", "ca.authority", "ca.store", "ca.bootstrap",
-                           "ca.service_certs", "ca.ocsp_signer", "ca.issuance")
-
-
 def _imports(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -49,9 +45,11 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_the_gateway_reaches_no_ca_key_and_no_ca_core():
+    """Nothing under gateway/ imports anything of ca/ (not even its config or model: the gateway
+    runs from its own directory); what both share is in common/."""
     found = {}
     for path in sorted((ROOT / "gateway").rglob("*.py")):
-        bad = sorted(n for n in _imports(path) if n.startswith(GATEWAY_MUST_NOT_IMPORT))
+        bad = sorted(n for n in _imports(path) if n == "ca" or n.startswith("ca."))
         if bad:
             found[str(path.relative_to(ROOT))] = bad
     assert found == {}, f"gateway modules importing CA keys or core: {found}"

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import AsyncContextManager, Protocol
 
 from ..audit import AuditRow
-from ..model import AuditEvent, CertRecord, CertStatus, Device, DeviceStatus, RevocationReason
+from ..model import AuditEvent, CertRecord, CertStatus, Device, DeviceStatus, Gateway, RevocationReason
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,17 @@ class Tx(Protocol):
         order, after the page cursor `after`."""
     # status: only ca/status.py calls these; each changes nothing and returns False unless the
     # certificate is still in the status the caller read (a guarded UPDATE)
+    async def insert_gateway(self, gateway: Gateway) -> None: ...
+    async def get_gateway(self, name: str) -> Gateway | None: ...
+    async def list_gateways(self) -> list[Gateway]: ...
+    async def gateway_enrolled(self, name: str, at: datetime) -> bool:
+        """registered -> active, the token spent; False if it was not registered."""
+    async def revoke_gateway(self, name: str, at: datetime) -> bool:
+        """-> revoked (final); False if it already was."""
+    async def link_gateway_certificate(self, serial: int, name: str) -> None: ...
+    async def gateway_of_certificate(self, serial: int) -> Gateway | None: ...
+    async def gateway_certificates(self, name: str) -> list[CertRecord]: ...
+
     async def change_status(self, serial: int, from_status: CertStatus, to_status: CertStatus,
                             reason: RevocationReason | None, at: datetime) -> bool: ...
     async def release_attendance_hold(self, serial: int, at: datetime) -> bool:

@@ -232,12 +232,16 @@ def test_responder_rotation_counts_from_issuance():
 
 # -- the RA certificate -------------------------------------------------------------------------
 
-def ra_cert(home: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificates((home / "ra.pem").read_bytes())[0]
+async def ra_cert(home: Path, clock) -> x509.Certificate:
+    """The first RA certificate of a gateway registered and enrolled now (at `clock`)."""
+    from ca import gateways
+    async with await Authority.open(home, clock=clock) as authority:
+        token = await gateways.register(authority, "ward-unit", actor="operator:test")
+        return (await gateways.enroll(authority, "ward-unit", token.secret, make_csr()[0])).certificate
 
 
 async def test_ra_renewal_keeps_the_names_and_takes_the_new_key(ca_home, clock):
-    presented = ra_cert(ca_home)
+    presented = await ra_cert(ca_home, clock)
     clock.advance(hours=1)
     async with await Authority.open(ca_home, clock=clock) as authority:
         csr, key = make_csr(subject="whatever-the-csr-says")
@@ -250,7 +254,7 @@ async def test_ra_renewal_keeps_the_names_and_takes_the_new_key(ca_home, clock):
         assert ExtendedKeyUsageOID.CLIENT_AUTH in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         assert (await authority.certificate(cert.serial_number)).profile == "gateway"
         row = (await audit(authority, "certificate_issued"))[-1]
-        assert row.actor == "gateway:iomtca-gateway" and int(row.serial, 16) == cert.serial_number
+        assert row.actor == "gateway:ward-unit" and int(row.serial, 16) == cert.serial_number
         # the new certificate renews in its turn
         again = await service_certs.renew_ra_certificate(authority, cert, make_csr()[0])
         assert again.serial != cert.serial_number
@@ -258,7 +262,7 @@ async def test_ra_renewal_keeps_the_names_and_takes_the_new_key(ca_home, clock):
 
 @pytest.mark.parametrize("case", ["bad-signature", "weak-key", "revoked", "expired", "not-ra", "unknown"])
 async def test_ra_renewal_refusals_are_audited(ca_home, clock, case):
-    presented = ra_cert(ca_home)
+    presented = await ra_cert(ca_home, clock)
     clock.advance(hours=1)
     async with await Authority.open(ca_home, clock=clock) as authority:
         csr = make_csr()[0]
@@ -288,18 +292,21 @@ async def test_ra_renewal_refusals_are_audited(ca_home, clock, case):
 
 # -- status -------------------------------------------------------------------------------------
 
-def test_status_warns_only_when_an_engineer_is_needed(ca_home):
+def test_status_warns_only_when_an_engineer_is_needed(ca_home, clock):
     paths = CAPaths(ca_home)
     config = parse((ca_home / "config.toml").read_text())
-    names = [s.name for s in service_certs.directory_status(paths, config, T0)]
-    assert names == ["server", "gateway RA", "OCSP responder", "issuing CA", "root CA"]
+    assert [s.name for s in service_certs.directory_status(paths, config, T0)] == [
+        "server", "OCSP responder", "issuing CA", "root CA"]
+    gw = [("ward-unit", asyncio.run(ra_cert(ca_home, clock)))]
+    names = [s.name for s in service_certs.directory_status(paths, config, T0, gw)]
+    assert names == ["server", "OCSP responder", "gateway ward-unit RA", "issuing CA", "root CA"]
     # a day in: the 7-day responder expires within 30 days, but its renewal is ahead: no warning
-    day = service_certs.directory_status(paths, config, T0 + timedelta(days=1))
+    day = service_certs.directory_status(paths, config, T0 + timedelta(days=1), gw)
     assert [s.warning for s in day] == [None] * 5
     assert all(s.renew_at for s in day[:3]) and day[3].renew_at is None
     # 80 days in: the 90-day certificates are past renewal (is the server running?), the responder expired
-    late = {s.name: s for s in service_certs.directory_status(paths, config, T0 + timedelta(days=80))}
-    assert "overdue" in late["server"].warning and "overdue" in late["gateway RA"].warning
+    late = {s.name: s for s in service_certs.directory_status(paths, config, T0 + timedelta(days=80), gw)}
+    assert "overdue" in late["server"].warning and "overdue" in late["gateway ward-unit RA"].warning
     assert "expired" in late["OCSP responder"].warning
     assert late["issuing CA"].warning is None
     issuing = x509.load_pem_x509_certificate((ca_home / "issuing.pem").read_bytes())

@@ -15,7 +15,7 @@ from cryptography import x509
 from ca.bootstrap import init_ca
 
 IOMTCA = str(Path(sys.executable).with_name("iomtca"))
-NAMES = ["server", "gateway RA", "OCSP responder", "issuing CA", "root CA"]
+NAMES = ["server", "OCSP responder", "issuing CA", "root CA"]
 
 
 def status(home: Path, *extra) -> subprocess.CompletedProcess:
@@ -39,7 +39,7 @@ def test_status_of_a_fresh_ca(tmp_path):
     renew_at = datetime.fromisoformat(by_name["server"]["renew_at"].replace("Z", "+00:00"))
     issued = server.not_valid_before_utc + timedelta(minutes=5)
     assert abs((renew_at - issued) - timedelta(days=60)) <= timedelta(seconds=1)
-    assert by_name["OCSP responder"]["renew_at"] and by_name["gateway RA"]["renewal_due"] is None
+    assert by_name["OCSP responder"]["renew_at"] and by_name["OCSP responder"]["renewal_due"] is None
     assert by_name["issuing CA"]["renew_at"] is None and by_name["root CA"]["not_after"]
     human = status(home).stdout
     for name in NAMES:
@@ -58,13 +58,31 @@ def test_status_warns_of_what_expires_within_30_days(tmp_path):
     home = tmp_path / "old"
     eighty_days_ago = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(days=80)
     asyncio.run(init_ca(home, clock=lambda: eighty_days_ago))
+    asyncio.run(_gateway_enrolled_at(home, eighty_days_ago))
     data = json.loads(status(home, "--json").stdout)
     warnings = data["warnings"]
-    # server and RA: 10 days left and past their renewal point; the 7-day responder expired
+    # server and the gateway's RA certificate (from the database): 10 days left and past their
+    # renewal point; the 7-day responder expired
     assert any(w.startswith("server certificate expires") and "overdue" in w for w in warnings), warnings
-    assert any(w.startswith("gateway RA certificate expires") for w in warnings), warnings
+    assert any(w.startswith("gateway ward-old RA certificate expires") and "overdue" in w for w in warnings), warnings
     assert any(w.startswith("OCSP responder certificate expired") for w in warnings), warnings
     assert len(warnings) == 3, warnings
     human = status(home).stdout
     assert sum(ln.startswith("WARNING: ") for ln in human.splitlines()) == 3, human
     assert "expired" in next(ln for ln in human.splitlines() if ln.startswith("OCSP responder "))
+
+
+async def _gateway_enrolled_at(home: Path, when: datetime) -> None:
+    """A gateway registered and enrolled (through the CA core) with the clock at `when`."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from ca import gateways
+    from ca.authority import Authority
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ward-old")])).sign(key, hashes.SHA256()))
+    async with await Authority.open(home, clock=lambda: when) as authority:
+        token = await gateways.register(authority, "ward-old", actor="operator:test")
+        await gateways.enroll(authority, "ward-old", token.secret, csr)

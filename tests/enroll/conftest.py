@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from tests.rakit import RACredential, enroll_ra
+
 BIN = Path(sys.executable).parent
 IOMTCA = BIN / "iomtca"
 READY_RE = re.compile(r"^iomtca serve: listening est=(https://\S+) ocsp=(http://\S+)$")
@@ -149,8 +151,15 @@ class CA:
     chain = property(lambda self: self.home / "chain.pem")
     issuing = property(lambda self: self.home / "issuing.pem")
     ocsp_cert = property(lambda self: self.home / "ocsp.pem")
-    ra_cert = property(lambda self: self.home / "ra.pem")
-    ra_key = property(lambda self: self.home / "private" / "ra.key")
+    ra_cert = property(lambda self: self.ra.cert)
+    ra_key = property(lambda self: self.ra.key)
+
+    @property
+    def ra(self) -> RACredential:
+        """A registered, enrolled gateway's RA credential (made on first use)."""
+        if getattr(self, "_ra", None) is None:
+            self._ra = enroll_ra(self.home, self.work / f"gateway-{next(_counter)}", self.unique("test-gw"))
+        return self._ra
 
     @property
     def passphrase(self) -> str:
@@ -159,7 +168,7 @@ class CA:
     @property
     def ra_passphrase(self) -> str:
         """The gateway's own passphrase, which encrypts ra.key (never the CA's)."""
-        return (self.home / "private" / "gateway-passphrase").read_text().strip()
+        return self.ra.passphrase
 
     def unique(self, stem: str) -> str:
         return f"{stem}-{next(_counter)}"

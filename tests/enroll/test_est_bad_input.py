@@ -251,6 +251,7 @@ def test_csr_with_an_unsupported_san_type_is_refused_not_500(est, ca, device, to
 
 def test_the_gateway_ra_certificate_cannot_renew_into_a_device_certificate(est, ca, device, tools):
     _, csr = ca.make_csr(device[0])
+    assert ca.ra   # the gateway's credential exists before the count starts
     with ca.no_new_certificates():
         reply = est.https(f"{tools.EST}/simplereenroll", "--cert", ca.ra_cert, "--key", ca.ra_key,
                           "--pass", ca.ra_passphrase, "-H", "Content-Type: application/pkcs10",

@@ -205,7 +205,7 @@ def test_ra_renew_endpoint_issues_the_same_names_for_the_new_key(one_worker, too
     # the new certificate is a working RA credential
     assert server.https("/ra/v1/cacerts", "--cert", pem, "--key", key).status == 200
     row = [r for r in ca.audit("certificate_issued") if r["detail"]["profile"] == "gateway"][-1]
-    assert row["actor"] == "gateway:iomtca-gateway" and row["detail"]["not_after"].startswith(
+    assert row["actor"] == f"gateway:{ca.ra.name}" and row["detail"]["not_after"].startswith(
         new.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%S"))
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests import procs
+from tests.gateway.gwkit import setup_gateway
 from tests.procs import PROCESSES, Proc, free_port, wait_until  # noqa: F401 (used by the tests too)
 
 BIN = Path(sys.executable).parent
@@ -56,7 +57,8 @@ class Stack:
         self.gateway: Proc | None = None
 
     def configure(self, *, lifetime: str, grace: str, min_firmware: str | None) -> None:
-        """Like cli/demo.py configure(): [ca.*] tables before [storage], a quick [gateway]."""
+        """Like cli/demo.py configure(): [ca.*] tables before [storage]; the gateway's quick settings
+        go into its own gateway.toml (start_gateway)."""
         path = self.home / "config.toml"
         text = path.read_text()
         assert 'renewal_grace = "7d"' in text and '[ca.profiles.device]\nlifetime = "3d"' in text
@@ -66,8 +68,8 @@ class Stack:
             models = "".join(f'[ca.models."{m}"]\nmin_firmware = "{min_firmware}"\n\n' for m in MODELS)
             assert "\n[storage]" in text
             text = text.replace("\n[storage]", "\n" + models + "[storage]", 1)
-        text += '\n[gateway]\nsweep_every = "1s"\nretry_every = "1s"\n'
         path.write_text(text)
+        (self.work / "gateway-settings.toml").write_text('sweep_every = "1s"\nretry_every = "1s"\n')
 
     # -- processes ------------------------------------------------------------------
     def start(self, *, mqtt: bool = True) -> "Stack":
@@ -106,7 +108,10 @@ class Stack:
         assert match.group(2).rstrip("/") == self.ocsp_base
 
     def start_gateway(self) -> None:
-        self.gateway = Proc("gateway", [IOMTCA, "gateway", "--dir", self.home, "--broker", self.broker_url,
+        gwdir = self.work / "gateway-gw-sim-test"
+        if not (gwdir / "gateway.toml").exists():
+            setup_gateway(self.home, gwdir, "gw-sim-test", self.est_url)
+        self.gateway = Proc("gateway", [IOMTCA, "gateway", "run", "--dir", gwdir, "--broker", self.broker_url,
                                         "--ca", self.est_url, "--client-id", "gw-sim-test"], self.logs)
         self.gateway.start(GATEWAY_READY, timeout=30)
 

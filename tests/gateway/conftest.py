@@ -13,7 +13,7 @@ import pytest
 
 from tests.gateway import gwkit
 from tests.procs import failure_sections
-from tests.gateway.gwkit import Broker, CAServer, Device, Gateway
+from tests.gateway.gwkit import Broker, CAServer, Device, Gateway, SecureBroker
 
 _PROC_START = pytest.StashKey[int]()
 _SUB_START = pytest.StashKey[int]()
@@ -22,13 +22,15 @@ _SUB_START = pytest.StashKey[int]()
 class Stack:
     """One broker, one CA server and any number of gateways over one CA directory."""
 
-    def __init__(self, work: Path, template: Path, *, ca_tables: str = "", gateway: str = "") -> None:
+    def __init__(self, work: Path, template: Path, *, ca_tables: str = "", gateway: str = "",
+                 secure: bool = False) -> None:
         self.work = work
         self.home = work / "ca"
         shutil.copytree(template, self.home)
         gwkit.configure(self.home, ca_tables=ca_tables, gateway=gateway)
         self.logs = work / "logs"
-        self.broker = Broker(work / "broker")
+        # secure: TLS, passwords and an ACL (gwkit.SecureBroker); the gateway logs in with its account
+        self.broker = SecureBroker(work / "broker") if secure else Broker(work / "broker")
         self.ca = CAServer(self.home, self.logs)
         self.gateways: list[Gateway] = []
 
@@ -44,7 +46,9 @@ class Stack:
         return self
 
     def add_gateway(self, client_id: str, *, publish_pki: bool = True, start: bool = True) -> Gateway:
-        gw = Gateway(self.home, self.broker, self.ca.est_url, client_id, self.logs, publish_pki=publish_pki)
+        extra = self.broker.gateway_args() if isinstance(self.broker, SecureBroker) else ()
+        gw = Gateway(self.home, self.broker, self.ca.est_url, client_id, self.logs, publish_pki=publish_pki,
+                     extra_args=extra)
         self.gateways.append(gw)
         if start:
             gw.start()
@@ -135,3 +139,15 @@ def pytest_runtest_makereport(item, call):
     if not report.failed:
         return
     report.sections.extend(failure_sections(item.stash.get(_PROC_START, 0)))
+
+
+@pytest.fixture
+def gw_dir(tmp_path):
+    """gw_dir(settings) -> a GWDIR holding only a gateway.toml with these [gateway] settings (for
+    the config loader's tests; no credential)."""
+    from gateway.home import GatewayHome
+
+    def make(settings: str) -> GatewayHome:
+        (tmp_path / "gateway.toml").write_text('[gateway]\nname = "gw-settings"\n' + settings)
+        return GatewayHome(tmp_path)
+    return make

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
@@ -88,6 +89,48 @@ class Broker:
         return self.proc.stderr_text()
 
 
+class SecureBroker(Broker):
+    """Broker as a hospital runs it (docs/GATEWAY.md "An authenticated broker"): TLS only, no
+    anonymous client, a password file and an ACL. Accounts: the gateway's (the whole contract),
+    the test tools' (`tester`, acting for any device, registered in CLIENT_OPTIONS for this port),
+    and the device pattern (user name = device id: its own subtree, the PKI publications read-only)."""
+
+    GATEWAY_USER, TESTER = "iomtca-gateway", "tester"
+
+    def __init__(self, work: Path) -> None:
+        super().__init__(work)
+        from tests.gateway.tlskit import broker_tls
+        self.tls = broker_tls(work / "tls")
+        self.gateway_password, tester_password = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+        passwd = work / "passwd"
+        passwd.write_text(f"{self.GATEWAY_USER}:{self.gateway_password}\n{self.TESTER}:{tester_password}\n")
+        passwd.chmod(0o600)
+        run(["mosquitto_passwd", "-U", passwd])          # plain -> hashed, in place
+        acl = work / "acl"
+        acl.write_text(f"user {self.GATEWAY_USER}\ntopic readwrite {ROOT}/#\n\n"
+                       f"user {self.TESTER}\ntopic readwrite {ROOT}/#\n\n"
+                       f"pattern readwrite {ROOT}/dev/%u/#\npattern read {ROOT}/pki/#\n")
+        self.password_file = work / "gateway-broker-password"
+        self.password_file.write_text(self.gateway_password + "\n")
+        self.password_file.chmod(0o600)
+        text = self.conf.read_text().replace("allow_anonymous true", "allow_anonymous false")
+        text = text.replace(f"listener {self.port} 127.0.0.1\n", "")
+        text += (f"password_file {passwd}\nacl_file {acl}\n"
+                 f"listener {self.port} 127.0.0.1\ncertfile {self.tls.server_cert}\nkeyfile {self.tls.server_key}\n"
+                 "tls_version tlsv1.2\n")
+        self.conf.write_text(text)
+        CLIENT_OPTIONS[self.port] = ["--cafile", str(self.tls.ca), "-u", self.TESTER, "-P", tester_password]
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.port}"
+
+    def gateway_args(self) -> list:
+        """`gateway run` flags for this broker: its CA, the gateway's user, the 0600 password file."""
+        return ["--broker-ca", self.tls.ca, "--broker-username", self.GATEWAY_USER,
+                "--broker-password-file", self.password_file]
+
+
 SERVE_READY = re.compile(r"iomtca serve: listening est=(https://127\.0\.0\.1:(\d+)) ocsp=(http://\S+)")
 GATEWAY_READY = re.compile(r"iomtca gateway: connected broker=\S+ ca=\S+ client_id=(\S+)")
 
@@ -116,13 +159,22 @@ class CAServer:
 
 
 class Gateway:
+    """A gateway set up as an operator would: `iomtca gateway add NAME` on the CA, `iomtca gateway
+    init` into its own directory (GWDIR, beside the CA directory) with the token on stdin, then
+    `iomtca gateway run --dir GWDIR`. The gateway's name is its client id. `enroll_url` is the CA
+    the gateway enrolls with when `ca_url` (what it runs against) is a stand-in; `[gateway]`
+    settings given to `configure()` go into its gateway.toml."""
+
     def __init__(self, home: Path, broker: Broker, ca_url: str, client_id: str, logs: Path, *,
-                 publish_pki: bool = True) -> None:
-        argv = [IOMTCA, "gateway", "--dir", home, "--broker", broker.url, "--ca", ca_url,
-                "--client-id", client_id]
+                 publish_pki: bool = True, enroll_url: str | None = None, extra_args=()) -> None:
+        self.client_id = client_id
+        self.home = home.parent / f"gateway-{client_id}"
+        if not (self.home / "gateway.toml").exists():
+            setup_gateway(home, self.home, client_id, enroll_url or ca_url)
+        argv = [IOMTCA, "gateway", "run", "--dir", self.home, "--broker", broker.url, "--ca", ca_url,
+                "--client-id", client_id, *extra_args]
         if not publish_pki:
             argv.append("--no-publish-pki")
-        self.client_id = client_id
         self.proc = Proc(f"gateway-{client_id}", argv, logs)
 
     def start(self) -> None:
@@ -136,21 +188,40 @@ class Gateway:
         self.proc.kill()
 
 
+def setup_gateway(ca_home: Path, gwdir: Path, name: str, ca_url: str) -> dict:
+    """`gateway add` at the CA and `gateway init` on the "gateway host" (the token on stdin);
+    returns what `gateway add --json` printed."""
+    added = json.loads(iomtca(ca_home, "gateway", "add", name, "--json").stdout)
+    run([IOMTCA, "gateway", "init", "--dir", gwdir, "--ca", ca_url, "--root", ca_home / "root.pem",
+         "--name", name, "--token", "-"], input=(added["token"] + "\n").encode(), timeout=60)
+    settings = gateway_settings(ca_home)
+    if settings:
+        with open(gwdir / "gateway.toml", "a") as fh:   # [gateway] is the file's last table
+            fh.write(settings.strip() + "\n")
+    return added
+
+
+def gateway_settings(ca_home: Path) -> str:
+    path = ca_home.parent / "gateway-settings.toml"
+    return path.read_text() if path.exists() else ""
+
+
 # -- CA directory ----------------------------------------------------------------------
 def init_ca(home: Path) -> None:
     run([IOMTCA, "init", "--dir", home], timeout=60)
 
 
 def configure(home: Path, *, ca_tables: str = "", gateway: str = "") -> None:
-    """Put `[ca.*]` tables before the [storage] line (so they belong to [ca]) and append [gateway]."""
+    """Put `[ca.*]` tables before the [storage] line (so they belong to [ca]); keep `[gateway]`
+    settings beside the CA directory for the gateways `Gateway` sets up (in their gateway.toml)."""
     path = home / "config.toml"
     text = path.read_text()
     if ca_tables:
         assert "\n[storage]" in text
         text = text.replace("\n[storage]", "\n" + ca_tables.strip() + "\n\n[storage]", 1)
-    if gateway:
-        text += "\n[gateway]\n" + gateway.strip() + "\n"
     path.write_text(text)
+    if gateway:
+        (home.parent / "gateway-settings.toml").write_text(gateway.strip() + "\n")
 
 
 def iomtca(home: Path, *args, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -196,9 +267,18 @@ def device_certs(home: Path, prefix: str) -> dict[str, list[dict]]:
 
 
 # -- MQTT with the mosquitto clients -----------------------------------------------------
+# Extra mosquitto_pub/sub options for a broker port: a SecureBroker registers its CA file and the
+# test tools' login here, so every helper below talks TLS with a password to it.
+CLIENT_OPTIONS: dict[int, list[str]] = {}
+
+
+def connect_args(port: int) -> list[str]:
+    return ["-h", "127.0.0.1", "-p", str(port), *CLIENT_OPTIONS.get(int(port), [])]
+
+
 def pub(port: int, topic: str, message: str | bytes | None = None, *, file: Path | None = None,
         retain: bool = False, qos: int = 1) -> None:
-    argv = ["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-q", qos, "-t", topic]
+    argv = ["mosquitto_pub", *connect_args(port), "-q", qos, "-t", topic]
     if retain:
         argv.append("-r")
     if file is not None:
@@ -216,7 +296,7 @@ def pub_json(port: int, topic: str, body: dict) -> None:
 
 def retained(port: int, topic: str, wait_s: int = 2) -> bytes | None:
     """One retained read (raw bytes), None if the topic holds nothing."""
-    proc = run(["mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-q", "1", "-t", topic, "-C", "1",
+    proc = run(["mosquitto_sub", *connect_args(port), "-q", "1", "-t", topic, "-C", "1",
                 "-W", wait_s, "-N", "--retained-only"], check=False, timeout=wait_s + 10)
     return proc.stdout if proc.returncode == 0 and proc.stdout else None
 
@@ -237,10 +317,12 @@ class Sub:
     JSON payloads only (one line each): lines starting with the topic root are messages.
     """
 
-    def __init__(self, port: int, *topics: str, count: int | None = None, wait_s: int = 60,
-                 client_id: str | None = None, persistent: bool = False) -> None:
+    def __init__(self, port: int | None, *topics: str, count: int | None = None, wait_s: int = 60,
+                 client_id: str | None = None, persistent: bool = False, conn: list[str] | None = None) -> None:
         # stdbuf: -d lines go through stdio, fully buffered on a pipe; the SUBACK line must arrive now
-        argv = ["stdbuf", "-oL", "mosquitto_sub", "-d", "-v", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-W", str(wait_s)]
+        # conn: connection options of its own (a device's login) instead of the port's
+        conn = conn if conn is not None else connect_args(port)
+        argv = ["stdbuf", "-oL", "mosquitto_sub", "-d", "-v", *conn, "-q", "1", "-W", str(wait_s)]
         for topic in topics:
             argv += ["-t", topic]
         if count is not None:

@@ -9,28 +9,21 @@ issued them over MQTT.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import ipaddress
 import json
 import os
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from ca.config import CAPaths
 from ca.errors import ConfigError
 from gateway.config import KEY_PASSPHRASE_ENV, PASSWORD_ENV, load_gateway_config
 from gateway.mqtt import BrokerAuth, BrokerRefusedError, MQTTLink
-from tests.gateway import gwkit
-from tests.gateway.gwkit import GATEWAY_READY, IOMTCA, ROOT, SUBSCRIBERS, Device, Proc, Sub, env, free_port, run
+from tests.gateway import gwkit, tlskit
+from tests.gateway.gwkit import GATEWAY_READY, IOMTCA, ROOT, Device, Proc, Sub, env, free_port, run
 
 GW_USER = "iomtca-gateway"
 GW_PASSWORD = "gw-S3cret-h0spital-7781"   # looked for in logs and command lines
@@ -49,61 +42,21 @@ class TLSFiles:
     gw_key: Path     # its key, encrypted with GW_KEY_PASSPHRASE
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _self_signed_ca(cn: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(_name(cn)).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-            .sign(key, hashes.SHA256()))
-    return key, cert
-
-
-def _leaf(ca_key, ca_cert, cn: str, *, server: bool) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(_name(cn)).issuer_name(ca_cert.subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH if server
-                                                     else x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
-    if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    return key, builder.sign(ca_key, hashes.SHA256())
-
-
-def _pem_cert(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _pem_key(key, passphrase: bytes | None = None) -> bytes:
-    enc = serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
-
-
 def make_tls(work: Path) -> TLSFiles:
     work.mkdir(parents=True, exist_ok=True)
-    ca_key, ca_cert = _self_signed_ca("Hospital broker test CA")
-    key, cert = _leaf(ca_key, ca_cert, "broker.test", server=True)
-    _, other = _self_signed_ca("Some other CA")
-    gw_key, gw_cert = _leaf(ca_key, ca_cert, GW_USER, server=False)
+    ca_key, ca_cert = tlskit.self_signed_ca("Hospital broker test CA")
+    key, cert = tlskit.leaf(ca_key, ca_cert, "broker.test", server=True)
+    _, other = tlskit.self_signed_ca("Some other CA")
+    gw_key, gw_cert = tlskit.leaf(ca_key, ca_cert, GW_USER, server=False)
     files = TLSFiles(work / "broker-ca.pem", work / "server.pem", work / "server.key", work / "other-ca.pem",
                      work / "gw.pem", work / "gw.key")
-    files.gw_cert.write_bytes(_pem_cert(gw_cert))
-    files.gw_key.write_bytes(_pem_key(gw_key, GW_KEY_PASSPHRASE.encode()))
-    files.ca.write_bytes(_pem_cert(ca_cert))
-    files.server_cert.write_bytes(_pem_cert(cert))
-    files.server_key.write_bytes(_pem_key(key))
+    files.gw_cert.write_bytes(tlskit.pem_cert(gw_cert))
+    files.gw_key.write_bytes(tlskit.pem_key(gw_key, GW_KEY_PASSPHRASE.encode()))
+    files.ca.write_bytes(tlskit.pem_cert(ca_cert))
+    files.server_cert.write_bytes(tlskit.pem_cert(cert))
+    files.server_key.write_bytes(tlskit.pem_key(key))
     files.server_key.chmod(0o600)
-    files.other_ca.write_bytes(_pem_cert(other))
+    files.other_ca.write_bytes(tlskit.pem_cert(other))
     return files
 
 
@@ -174,20 +127,7 @@ class AuthSub(Sub):
     """gwkit.Sub (background mosquitto_sub -d -v, ready at SUBACK) with connection options."""
 
     def __init__(self, conn: list[str], *topics: str, wait_s: int = 60) -> None:
-        argv = ["stdbuf", "-oL", "mosquitto_sub", "-d", "-v", *conn, "-q", "1", "-W", str(wait_s)]
-        for topic in topics:
-            argv += ["-t", topic]
-        self.argv = argv
-        self.messages = []
-        self._new = threading.Condition()
-        self._ready = threading.Event()
-        self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env(),
-                                      start_new_session=True)
-        SUBSCRIBERS.append(self)
-        threading.Thread(target=self._pump, daemon=True).start()
-        if not self._ready.wait(10):
-            self.close()
-            raise AssertionError(f"mosquitto_sub did not get its SUBACK within 10s: {' '.join(argv)}")
+        super().__init__(None, *topics, wait_s=wait_s, conn=conn)
 
 
 class AuthDevice(Device):
@@ -275,7 +215,9 @@ def test_anonymous_wrong_password_and_no_certificate_are_refused(hospital):
 
 def test_gateway_with_a_wrong_password_exits_with_a_clear_error(hospital):
     wrong = "not-the-gateway-password-4417"
-    argv = [IOMTCA, "gateway", "--dir", hospital.home, "--broker", hospital.broker.url,
+    gwdir = hospital.work / "gateway-gw-wrong"
+    gwkit.setup_gateway(hospital.home, gwdir, "gw-wrong", hospital.ca.est_url)
+    argv = [IOMTCA, "gateway", "run", "--dir", gwdir, "--broker", hospital.broker.url,
             "--ca", hospital.ca.est_url, "--client-id", "gw-wrong",
             "--broker-ca", hospital.broker.tls.ca, "--broker-username", GW_USER]   # the flags this time
     proc = Proc("gateway-wrong-password", argv, hospital.logs)
@@ -315,24 +257,16 @@ def test_link_refuses_an_untrusted_broker_certificate_and_anonymous_login(hospit
 
 
 # -- settings that are refused (no processes) ---------------------------------------------------------
-@pytest.fixture
-def ca_dir(tmp_path):
-    def make(gateway: str) -> CAPaths:
-        (tmp_path / "config.toml").write_text("[gateway]\n" + gateway)
-        return CAPaths(tmp_path)
-    return make
-
-
 @pytest.fixture(scope="module")
 def client_files(tmp_path_factory) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("broker-client")
-    ca_key, ca_cert = _self_signed_ca("client test CA")
-    key, cert = _leaf(ca_key, ca_cert, GW_USER, server=False)
+    ca_key, ca_cert = tlskit.self_signed_ca("client test CA")
+    key, cert = tlskit.leaf(ca_key, ca_cert, GW_USER, server=False)
     files = {"ca": work / "ca.pem", "cert": work / "gw.pem", "key": work / "gw.key", "enc": work / "gw-enc.key"}
-    files["ca"].write_bytes(_pem_cert(ca_cert))
-    files["cert"].write_bytes(_pem_cert(cert))
-    files["key"].write_bytes(_pem_key(key))
-    files["enc"].write_bytes(_pem_key(key, b"key-pass-6610"))
+    files["ca"].write_bytes(tlskit.pem_cert(ca_cert))
+    files["cert"].write_bytes(tlskit.pem_cert(cert))
+    files["key"].write_bytes(tlskit.pem_key(key))
+    files["enc"].write_bytes(tlskit.pem_key(key, b"key-pass-6610"))
     return files
 
 
@@ -344,16 +278,16 @@ def client_files(tmp_path_factory) -> dict[str, Path]:
     ('broker = "mqtts://127.0.0.1:8883"\nbroker_ca = "missing.pem"\n', {}, "broker TLS files unusable"),
     ('broker_colour = "blue"\n', {}, "unknown setting"),
 ])
-def test_broker_settings_refused(ca_dir, settings, environ, message):
+def test_broker_settings_refused(gw_dir, settings, environ, message):
     with pytest.raises(ConfigError, match=message):
-        load_gateway_config(ca_dir(settings), environ=environ)
+        load_gateway_config(gw_dir(settings), environ=environ)
 
 
-def test_password_file_must_be_private_and_single_source(ca_dir, tmp_path):
+def test_password_file_must_be_private_and_single_source(gw_dir, tmp_path):
     secret = tmp_path / "broker-password"
     secret.write_text("file-pass-2290\n")
     secret.chmod(0o640)
-    paths = ca_dir(f'broker = "mqtts://127.0.0.1:8883"\nbroker_username = "gw"\nbroker_password_file = "{secret}"\n')
+    paths = gw_dir(f'broker = "mqtts://127.0.0.1:8883"\nbroker_username = "gw"\nbroker_password_file = "{secret}"\n')
     with pytest.raises(ConfigError, match="readable by group or others"):
         load_gateway_config(paths, environ={})
     secret.chmod(0o600)
@@ -364,19 +298,19 @@ def test_password_file_must_be_private_and_single_source(ca_dir, tmp_path):
     assert "file-pass-2290" not in repr(cfg) and "file-pass-2290" not in str(cfg)
 
 
-def test_client_certificate_with_an_encrypted_key(ca_dir, client_files):
+def test_client_certificate_with_an_encrypted_key(gw_dir, client_files):
     base = (f'broker = "mqtts://127.0.0.1:8883"\nbroker_ca = "{client_files["ca"]}"\n'
             f'broker_cert = "{client_files["cert"]}"\n')
     with pytest.raises(ConfigError, match="go together"):
-        load_gateway_config(ca_dir(base), environ={})
-    enc = ca_dir(base + f'broker_key = "{client_files["enc"]}"\n')
+        load_gateway_config(gw_dir(base), environ={})
+    enc = gw_dir(base + f'broker_key = "{client_files["enc"]}"\n')
     with pytest.raises(ConfigError, match=f"is encrypted: set {KEY_PASSPHRASE_ENV}"):
         load_gateway_config(enc, environ={})
     with pytest.raises(ConfigError, match="broker TLS files unusable"):
         load_gateway_config(enc, environ={KEY_PASSPHRASE_ENV: "wrong"})
     cfg = load_gateway_config(enc, environ={KEY_PASSPHRASE_ENV: "key-pass-6610"})
     assert "key-pass-6610" not in repr(cfg)
-    plain = ca_dir(base + f'broker_key = "{client_files["key"]}"\n')
+    plain = gw_dir(base + f'broker_key = "{client_files["key"]}"\n')
     assert load_gateway_config(plain, environ={}).broker_auth.key_file == client_files["key"]
     with pytest.raises(ConfigError, match="is not encrypted"):
         load_gateway_config(plain, environ={KEY_PASSPHRASE_ENV: "key-pass-6610"})

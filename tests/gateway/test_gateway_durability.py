@@ -34,7 +34,7 @@ def stack(make_stack, tmp_path_factory):
 
 
 def db_path(stack):
-    return stack.home / "gateway.db"
+    return stack.gateway.home / "gateway.db"
 
 
 def stored_bytes(stack) -> bytes:

@@ -30,11 +30,28 @@ renew_at = 0.5
 """
 
 
-@pytest.fixture(scope="module")
-def stack(make_stack, tmp_path_factory):
-    s = make_stack(tmp_path_factory.mktemp("flows"), ca_tables=FLOWS_CA, gateway=FLOWS_GATEWAY).start()
+@pytest.fixture(scope="module", params=["plain-broker", "tls-password-acl-broker"])
+def stack(make_stack, tmp_path_factory, request):
+    """The whole module twice: against an open loopback broker, and against a hospital's (TLS only,
+    no anonymous client, passwords, an ACL; the gateway logs in with its own account)."""
+    s = make_stack(tmp_path_factory.mktemp("flows"), ca_tables=FLOWS_CA, gateway=FLOWS_GATEWAY,
+                   secure=request.param == "tls-password-acl-broker").start()
     yield s
     s.close()
+
+
+def test_the_broker_is_what_the_parameter_says(stack):
+    """Against the hospital's broker the gateway logs in over TLS, and nothing gets in without a
+    login: the rest of the module is then the whole contract through TLS, passwords and an ACL."""
+    secure = isinstance(stack.broker, gwkit.SecureBroker)
+    log = stack.gateway.proc.stderr_text()
+    if secure:
+        anonymous = gwkit.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", stack.port, "--cafile", stack.broker.tls.ca,
+                               "-t", f"{ROOT}/#", "-C", "1", "-W", "2"], check=False, timeout=15)
+        assert anonymous.returncode != 0 and b"not authori" in anonymous.stderr.lower(), anonymous.stderr
+        assert f"connected to mqtts://127.0.0.1:{stack.port}" in log, log[-2000:]
+    else:
+        assert f"connected to mqtt://127.0.0.1:{stack.port}" in log, log[-2000:]
 
 
 def pem_to_der(path) -> bytes:

@@ -221,10 +221,12 @@ class Tarpit:
 def test_restarted_gateway_takes_back_its_own_claims(stack_factory):
     stack = stack_factory()
     stack.broker.start()
+    stack.ca.start()   # the gateway enrolls (gateway init) with the real CA first, then runs against the tarpit
     tarpit = Tarpit()
     try:
         gw = Gateway(stack.home, stack.broker, f"https://127.0.0.1:{tarpit.port}", "gw-claim", stack.logs,
-                     publish_pki=False)
+                     publish_pki=False, enroll_url=stack.ca.est_url)
+        stack.ca.stop()
         stack.gateways.append(gw)
         gw.start()
         dev = stack.devices(("rs-c-1", "pumpx"))["rs-c-1"]
@@ -245,9 +247,11 @@ def test_restarted_gateway_takes_back_its_own_claims(stack_factory):
 def test_presence_to_a_hanging_ca_does_not_hold_up_other_requests(stack_factory):
     stack = stack_factory()
     stack.broker.start()
+    stack.ca.start()   # the gateway enrolls (gateway init) with the real CA first
     ca_port = gwkit.free_port()            # nothing listens yet: the CA is down (refused)
     gw = Gateway(stack.home, stack.broker, f"https://127.0.0.1:{ca_port}", "gw-hang", stack.logs,
-                 publish_pki=False)
+                 publish_pki=False, enroll_url=stack.ca.est_url)
+    stack.ca.stop()
     stack.gateways.append(gw)
     gw.start()
     with Sub(stack.port, ALL_RESPONSES) as sub:

@@ -303,7 +303,7 @@ def flaky_stack(stack_factory):
     assert crl_verifies(stack.home, real_crl, stack.work), "the real server's CRL does not verify?"
     issuer = x509.load_pem_x509_certificate((stack.home / "issuing.pem").read_bytes())
     flaky = FlakyCA(stack.home, stack.ca.est_port, bad_answers(real_crl, issuer))
-    gw = Gateway(stack.home, stack.broker, flaky.url, "gw-flaky", stack.logs)
+    gw = Gateway(stack.home, stack.broker, flaky.url, "gw-flaky", stack.logs, enroll_url=stack.ca.est_url)
     stack.gateways.append(gw)
     yield stack, flaky, gw
     flaky.close()

@@ -1,7 +1,7 @@
 """The gateway renews its RA certificate over the RA API with its current one and keeps forwarding
 enrollments across the switch. Real mosquitto, `iomtca serve` and `iomtca gateway`, with the
-`gateway` profile's lifetime set to 12 s: the gateway renews the 90-day certificate of `iomtca
-init` at start (longer than the lifetime now allows), then every 8 s."""
+`gateway` profile's lifetime set to 12 s: `gateway init` gets a 12 s certificate, which the gateway
+renews every 8 s."""
 from __future__ import annotations
 
 import base64
@@ -20,7 +20,6 @@ from ca import service_certs
 from ca.errors import ConfigError
 from ca.keystore import load_private_key
 from tests.gateway import gwkit
-from tests.procs import wait_until
 
 LIFETIME = 12
 SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -36,12 +35,10 @@ def now() -> datetime:
 
 def test_gateway_keeps_forwarding_across_ra_renewals(stack_factory):
     stack = stack_factory(ca_tables=f'[ca.profiles.gateway]\nlifetime = "{LIFETIME}s"')
-    initial = ra_cert(stack.home)
     devices = list(stack.devices(*[(f"rar-{i}", "pump") for i in range(40)]).values())
     stack.start()
-    # at start: the 90-day certificate is longer than the 12 s now configured
-    first = wait_until(lambda: (c := ra_cert(stack.home)) and c.serial_number != initial.serial_number and c,
-                       15, what="the RA certificate renewed at start")
+    gwdir = stack.gateway.home
+    first = ra_cert(gwdir)   # from `gateway init`, with the configured lifetime
     assert service_certs.validity(first) <= timedelta(seconds=LIFETIME + 1)
     # enrollments go through while the certificate is renewed at least once more, and after the
     # first short certificate has expired (the CA refuses an expired RA certificate)
@@ -49,7 +46,7 @@ def test_gateway_keeps_forwarding_across_ra_renewals(stack_factory):
     deadline = time.monotonic() + 4 * LIFETIME
     for n, device in enumerate(devices):
         answers.append(device.enroll(f"rr-{n}", timeout=20))
-        current = ra_cert(stack.home)
+        current = ra_cert(gwdir)
         if current is not None:
             seen.add(current.serial_number)
         if len(seen) >= 2 and now() > first.not_valid_after_utc + timedelta(seconds=1):
@@ -62,34 +59,36 @@ def test_gateway_keeps_forwarding_across_ra_renewals(stack_factory):
     last = devices[len(answers)].enroll("rr-last", timeout=20)
     assert last["status"] == "ok", last
     # the new certificate is on file, valid now, for the key beside it (0600, encrypted)
-    current = ra_cert(stack.home)
-    assert current.serial_number not in (initial.serial_number, first.serial_number)
+    current = ra_cert(gwdir)
+    assert current.serial_number != first.serial_number
     assert current.not_valid_before_utc <= now() <= current.not_valid_after_utc
-    assert current.subject == initial.subject
-    gwkit.openssl_verify(stack.home, stack.home / "ra.pem")
-    key_path = stack.home / "private" / "ra.key"
+    assert current.subject == first.subject
+    gwkit.openssl_verify(stack.home, gwdir / "ra.pem")
+    key_path = gwdir / "private" / "ra.key"
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
     assert key_path.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
-    passphrase = (stack.home / "private" / "gateway-passphrase").read_bytes().strip()
+    passphrase = (gwdir / "private" / "passphrase").read_bytes().strip()
     assert (load_private_key(key_path, passphrase).public_key().public_bytes(*SPKI)
             == current.public_key().public_bytes(*SPKI))
     # renewed by the gateway over the RA API (its actor in the audit log), each certificate on file
+    # and linked to the gateway
     db = sqlite3.connect(f"file:{stack.home / 'iomtca.db'}?mode=ro", uri=True, timeout=30)
     try:
         rows = db.execute("SELECT actor, serial, detail FROM audit_log WHERE action = 'certificate_issued'").fetchall()
+        linked = {int(s, 16) for (s,) in db.execute("SELECT serial FROM gateway_certificates WHERE gateway = 'gw-1'")}
     finally:
         db.close()
     by_gateway = {int(serial, 16) for actor, serial, detail in rows
-                  if actor == "gateway:iomtca-gateway" and json.loads(detail)["profile"] == "gateway"}
-    assert {first.serial_number, current.serial_number} <= by_gateway and initial.serial_number not in by_gateway
+                  if actor == "gateway:gw-1" and json.loads(detail)["profile"] == "gateway"}
+    assert {first.serial_number, current.serial_number} <= by_gateway <= linked
     log = stack.gateway.proc.stderr_text()
-    assert log.count("renewed the RA certificate") >= 2, log[-3000:]
+    assert log.count("renewed the RA certificate") >= 1, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
     assert "RA renewal refused" not in stack.ca.proc.stderr_text()
 
 
 def test_a_renewal_answer_for_another_key_is_refused():
-    from gateway.ra_identity import _check_answer
+    from gateway.ra_identity import check_answer
     key = ec.generate_private_key(ec.SECP256R1())
     other = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "ca")])
@@ -99,22 +98,21 @@ def test_a_renewal_answer_for_another_key_is_refused():
               .sign(other, hashes.SHA256()))
     der = lambda c: base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode()  # noqa: E731
     with pytest.raises(ConfigError, match="not for the key we sent"):
-        _check_answer({"cert": der(issuer), "chain": [der(issuer)]}, key)
-    assert _check_answer({"cert": der(issuer), "chain": [der(issuer)]}, other)[0] == issuer
+        check_answer({"cert": der(issuer), "chain": [der(issuer)]}, key)
+    assert check_answer({"cert": der(issuer), "chain": [der(issuer)]}, other)[0] == issuer
 
 
-def test_ra_key_readable_by_others_is_refused(ca_home):
+def test_ra_key_readable_by_others_is_refused(ca_home, tmp_path):
     from gateway.ra_identity import RAIdentity
-    from ca.config import CAPaths
-    paths = CAPaths(ca_home)
-    passphrase = (ca_home / "private" / "gateway-passphrase").read_bytes().strip()
-    identity = RAIdentity.in_ca_directory(paths, passphrase)
-    paths.ra_key.chmod(0o640)
+    from tests.rakit import enroll_ra
+    cred = enroll_ra(ca_home, tmp_path / "gw")
+    identity = RAIdentity.in_home(cred.home, cred.passphrase.encode())
+    cred.key.chmod(0o640)
     with pytest.raises(ConfigError, match="ra.key is accessible by group or others"):
         identity.client_context()
-    paths.ra_key.chmod(0o600)
+    cred.key.chmod(0o600)
     identity.client_context()
-    assert identity.certificate == ra_cert(ca_home)
+    assert identity.certificate == ra_cert(cred.home.home)
 
 
 async def test_switching_context_lets_requests_in_flight_finish():

@@ -145,7 +145,14 @@ class CA:
     chain = property(lambda self: self.home / "chain.pem")
     ocsp_cert = property(lambda self: self.home / "ocsp.pem")
     server = property(lambda self: self.home / "server.pem")
-    ra = property(lambda self: self.home / "ra.pem")
+
+    @property
+    def ra(self) -> Path:
+        """ra.pem of a registered, enrolled gateway (made on first use)."""
+        if getattr(self, "_ra", None) is None:
+            from tests.rakit import enroll_ra
+            self._ra = enroll_ra(self.home, self.work / "gateway", "interop-gw")
+        return self._ra.cert
 
     @property
     def passphrase(self) -> bytes:
