@@ -77,3 +77,17 @@ async def release_returned(tx: Tx, config: CAConfig, device: Device, now: dateti
 def describe(report: AttendanceReport) -> str:
     held = ", ".join(f"{d} ({', '.join(serial_hex(s) for s in ss)})" for d, ss in report.held.items())
     return f"held: {held or 'none'}; flagged: {', '.join(report.flagged) or 'none'}"
+
+
+async def held_for_absence(store, records) -> set[int]:
+    """The serials among `records` (CertRecords) on hold for non-attendance rather than by an
+    operator: feeds tell them apart, so that a relay keeps such a device able to come back and
+    prove itself (the broker does not shut it out)."""
+    held = [r for r in records if r.status is CertStatus.HOLD and r.device_id]
+    found: set[int] = set()
+    if not held:
+        return found
+    async with store.read() as tx:
+        for device_id in {r.device_id for r in held}:
+            found.update(await tx.attendance_holds(device_id))
+    return found & {r.serial for r in held}

@@ -53,7 +53,7 @@ def wait_status(stack, device_id: str, serial: str, status: str, timeout: float 
                             timeout, interval=0.3, what=f"{serial} of {device_id} to be {status}")
 
 
-HELD = {"tr-revoke-1": "2.0.0", "tr-decom-1": "2.0.0", "tr-return-1": "1.0.0"}
+HELD = {"tr-revoke-1": "2.0.0", "tr-decom-1": "2.0.0", "tr-return-1": "1.0.0", "tr-feed-1": "2.0.0"}
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +186,33 @@ def test_posture_signed_with_another_devices_certificate_is_unauthorized(stack):
     assert answer["status"] == "error" and answer["error"]["code"] == "unauthorized", answer
     assert gwkit.device_show(stack.home, a.id)["firmware"] == "1.0"
     assert gwkit.device_show(stack.home, b.id)["firmware"] == "1.0"
+
+
+def ra_get(stack, path: str) -> dict:
+    """GET on the RA API with the gateway's own credential (from its GWDIR), as the gateway does."""
+    import ssl
+    import urllib.request
+    gwdir = stack.gateway.home
+    ctx = ssl.create_default_context(cafile=str(gwdir / "root.pem"))
+    ctx.load_cert_chain(gwdir / "ra.pem", gwdir / "private" / "ra.key",
+                        password=(gwdir / "private" / "passphrase").read_bytes().strip())
+    with urllib.request.urlopen(stack.ca.est_url + path, context=ctx, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def test_the_feeds_tell_a_hold_for_absence_from_an_operators_hold(stack, held):
+    """A relay that shuts held devices out of the broker must know which holds the device itself
+    can lift by coming back (docs/GATEWAY.md "Revocation at the broker")."""
+    _, absent_serial = held["tr-feed-1"]
+    dev = stack.devices(("tr-feed-op", "trpump", "1.0"))["tr-feed-op"]
+    op_serial = gwkit.cert_serial(dev.enroll("tr-feed-op-e1"))
+    gwkit.iomtca(stack.home, "cert", "hold", op_serial)
+    certs = {c["serial"]: c for c in ra_get(stack, "/ra/v1/certificates")["certificates"]}
+    assert certs[absent_serial]["status"] == "hold" and certs[absent_serial]["attendance_hold"] is True
+    assert certs[op_serial]["status"] == "hold" and certs[op_serial]["attendance_hold"] is False
+    changes = ra_get(stack, "/ra/v1/status-changes?after=0")["changes"]
+    marks = {(c["serial"], c["attendance_hold"]) for c in changes if c["status"] == "hold"}
+    assert (absent_serial, True) in marks and (op_serial, False) in marks, changes
 
 
 # -- (d) plain posture is shown as reported, and that is all -----------------------------------------------------
