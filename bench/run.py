@@ -13,6 +13,7 @@ from pathlib import Path
 from .common import Figure
 
 ROOT = Path(__file__).resolve().parent.parent
+PROFILES = ROOT / "bench" / "PROFILES.md"
 # The nine figures; a figure no module measures is listed as not measured.
 TITLES = {
     1: "Issuance core through Authority vs raw build+sign",
@@ -101,6 +102,9 @@ def render(report: dict) -> str:
         lines.append("- Every figure with a bar met it in this run.")
     lines += ["", "## Not measured yet", ""]
     lines += [f"- Figure {k}: {v}" for k, v in report["not_measured"].items()] or ["- Nothing: every figure ran."]
+    if PROFILES.exists():   # hand-written, kept across regenerations: where the time went, by profile
+        lines += ["", "## Profiles (bench/PROFILES.md, written by hand)", ""]
+        lines += PROFILES.read_text().split("\n", 1)[1].strip("\n").splitlines()   # without its own title
     return "\n".join(lines) + "\n"
 
 

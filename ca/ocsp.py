@@ -5,6 +5,7 @@ Responses are signed by the delegated OCSP responder certificate (RFC 6960
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -69,6 +70,20 @@ def parse_request(data: bytes) -> OCSPQuery:
 
 def issuer_hashes(issuer_cert: x509.Certificate, algorithm: hashes.HashAlgorithm) -> tuple[bytes, bytes]:
     """(issuerNameHash, issuerKeyHash) of RFC 6960 4.1.1 for one hash algorithm."""
+    if type(algorithm) in _CACHED_HASHES:   # the same issuer and algorithm for every response signed
+        return _cached_issuer_hashes(issuer_cert, type(algorithm))
+    return _issuer_hashes(issuer_cert, algorithm)
+
+
+_CACHED_HASHES = (hashes.SHA1, hashes.SHA224, hashes.SHA256, hashes.SHA384, hashes.SHA512)
+
+
+@functools.lru_cache(maxsize=32)   # certificates compare by their bytes
+def _cached_issuer_hashes(issuer_cert: x509.Certificate, algorithm_type: type) -> tuple[bytes, bytes]:
+    return _issuer_hashes(issuer_cert, algorithm_type())
+
+
+def _issuer_hashes(issuer_cert: x509.Certificate, algorithm: hashes.HashAlgorithm) -> tuple[bytes, bytes]:
     name = hashes.Hash(algorithm)
     name.update(issuer_cert.subject.public_bytes())
     spki = issuer_cert.public_key().public_bytes(

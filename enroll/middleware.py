@@ -32,6 +32,11 @@ REALM = 'Basic realm="iomt-ca EST", charset="UTF-8"'
 JSON_PATHS = ("/ra/", "/iomt/")
 
 
+def error_fields(exc: CAError) -> dict:
+    """The JSON error body of the RA and device APIs (also each failed item of an RA batch)."""
+    return {"code": exc.code, "message": exc.message, "retry_after": exc.retry_after}
+
+
 def error_response(request: web.Request, exc: CAError) -> web.Response:
     status = HTTP_STATUS.get(exc.code, 500)
     # the core's code, for clients that act on it (the status alone conflates revoked and policy)
@@ -41,7 +46,7 @@ def error_response(request: web.Request, exc: CAError) -> web.Response:
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
     if request.path.startswith(JSON_PATHS):
-        body = json.dumps({"code": exc.code, "message": exc.message, "retry_after": exc.retry_after})
+        body = json.dumps(error_fields(exc))
         return web.Response(status=status, text=body, content_type="application/json", headers=headers)
     return web.Response(status=status, text=exc.message + "\n", content_type="text/plain", headers=headers)
 

@@ -12,14 +12,15 @@ import json
 
 from aiohttp import web
 
-from ca import cms
+from ca import attendance, cms, gateways
+from ca.authority import Authority
 from ca.codec import b64decode_strict, cert_der, load_csr, posture_json
 from ca.credentials import CertificateAuth, SignedRequestAuth, TokenAuth
 from ca.errors import BadRequestError, CAError, PolicyViolationError
 from ca.model import CertStatus, Issued, check_device_id, parse_serial, serial_hex
 from ca.timefmt import to_rfc3339
 
-from . import codec
+from . import codec, ra_batch
 from .est import DEFAULT_DEVICE_KEY
 from .identity import classify, peer_certificate
 from .state import AUTHORITY, CONFIG, PUBLISHER
@@ -47,6 +48,11 @@ async def _require_ra(request: web.Request) -> None:
         now = authority.now()
         if (record is not None and record.profile == "gateway" and record.status is CertStatus.GOOD
                 and record.not_before <= now <= record.not_after):
+            # on every call: a revoked gateway is refused at once, whichever of its certificates it shows
+            try:
+                await gateways.active_gateway(authority, record.serial)
+            except CAError as exc:
+                raise ForbiddenError(f"the RA API refuses this gateway: {exc}") from None
             return
     raise ForbiddenError("the RA API requires the gateway's registration-authority client certificate")
 
@@ -59,10 +65,18 @@ async def ra_only(request: web.Request, handler):
 
 
 async def read_json(request: web.Request) -> dict:
+    require_json(request)
+    return parse_json(await request.read())
+
+
+def require_json(request: web.Request) -> None:
     if request.content_type != "application/json":
         raise web.HTTPUnsupportedMediaType(text="Content-Type must be application/json\n")
+
+
+def parse_json(data: bytes) -> dict:
     try:
-        body = json.loads(await request.read())
+        body = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequestError(f"request body is not JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -77,12 +91,17 @@ def string_field(body: dict, name: str) -> str:
     return value
 
 
-def issued_json(issued: Issued) -> web.Response:
-    return web.json_response({
+def issued_fields(issued: Issued) -> dict:
+    """The `ok` answer for a certificate: what the single endpoints and each batch item return."""
+    return {
         "status": "ok", "cert": _b64(cert_der(issued.certificate)),
         "chain": [_b64(cert_der(c)) for c in issued.chain[:1]],
         "not_after": to_rfc3339(issued.not_after), "serial": serial_hex(issued.serial),
-    })
+    }
+
+
+def issued_json(issued: Issued) -> web.Response:
+    return web.json_response(issued_fields(issued))
 
 
 def _request_id(body: dict) -> str | None:
@@ -99,23 +118,30 @@ def _device_id(request: web.Request) -> str:
     return check_device_id(request.match_info["device_id"])
 
 
+async def enroll_device(authority: Authority, device_id: str, body: dict) -> Issued:
+    """A relayed first enrollment (`{"csr", "token"[, "request_id"]}`): the single endpoint and
+    each batch item (enroll/ra_batch.py) parse and issue through this one function."""
+    csr = load_csr(b64decode_strict(string_field(body, "csr"), "csr"))
+    return await authority.enroll(device_id, csr, TokenAuth(string_field(body, "token")),
+                                  request_id=_request_id(body))
+
+
+async def reenroll_device(authority: Authority, device_id: str, body: dict) -> Issued:
+    """A relayed renewal (`{"cms"[, "request_id"]}`, the device's CMS-signed CSR), as above."""
+    signed = cms.verify_signed_request(b64decode_strict(string_field(body, "cms"), "cms"))
+    csr = load_csr(signed.csr_der)
+    credential = SignedRequestAuth(signed.signer, signing_time=signed.signing_time)
+    return await authority.renew(device_id, csr, credential, request_id=_request_id(body))
+
+
 async def simpleenroll(request: web.Request) -> web.Response:
     device_id = _device_id(request)
-    body = await read_json(request)
-    csr = load_csr(b64decode_strict(string_field(body, "csr"), "csr"))
-    issued = await request.app[AUTHORITY].enroll(device_id, csr, TokenAuth(string_field(body, "token")),
-                                                 request_id=_request_id(body))
-    return issued_json(issued)
+    return issued_json(await enroll_device(request.app[AUTHORITY], device_id, await read_json(request)))
 
 
 async def simplereenroll(request: web.Request) -> web.Response:
     device_id = _device_id(request)
-    body = await read_json(request)
-    signed = cms.verify_signed_request(b64decode_strict(string_field(body, "cms"), "cms"))
-    csr = load_csr(signed.csr_der)
-    credential = SignedRequestAuth(signed.signer, signing_time=signed.signing_time)
-    return issued_json(await request.app[AUTHORITY].renew(device_id, csr, credential,
-                                                           request_id=_request_id(body)))
+    return issued_json(await reenroll_device(request.app[AUTHORITY], device_id, await read_json(request)))
 
 
 async def presence(request: web.Request) -> web.Response:
@@ -175,12 +201,14 @@ async def status_changes(request: web.Request) -> web.Response:
         except asyncio.TimeoutError:
             pass
         changes = await authority.status_changes(after)
+    records = [(change_id, await authority.certificate(serial)) for change_id, serial in changes]
+    absent = await attendance.held_for_absence(authority.store, [r for _, r in records])
     items = []
-    for change_id, serial in changes:
-        record = await authority.certificate(serial)
-        items.append({"id": change_id, "serial": serial_hex(serial), "device_id": record.device_id,
+    for change_id, record in records:
+        items.append({"id": change_id, "serial": serial_hex(record.serial), "device_id": record.device_id,
                       "status": record.status.value, "reason": record.reason.name if record.reason else None,
-                      "at": to_rfc3339(record.revoked_at) if record.revoked_at else None})
+                      "at": to_rfc3339(record.revoked_at) if record.revoked_at else None,
+                      "attendance_hold": record.serial in absent})
     return web.json_response({"last": changes[-1][0] if changes else after, "changes": items})
 
 
@@ -193,11 +221,14 @@ async def certificates(request: web.Request) -> web.Response:
     after = request.query.get("after", "")
     if after:
         after = serial_hex(parse_serial(after))
-    records = await request.app[AUTHORITY].unexpired_certificates(after, limit)
+    authority = request.app[AUTHORITY]
+    records = await authority.unexpired_certificates(after, limit)
+    absent = await attendance.held_for_absence(authority.store, [r for r, _ in records])
     return web.json_response({"certificates": [
         {"serial": serial_hex(r.serial), "device_id": r.device_id, "not_before": to_rfc3339(r.not_before),
          "issued_at": to_rfc3339(r.created_at),
-         "not_after": to_rfc3339(r.not_after), "status": r.status.value, "criticality": criticality}
+         "not_after": to_rfc3339(r.not_after), "status": r.status.value, "criticality": criticality,
+         "attendance_hold": r.serial in absent}
         for r, criticality in records]})
 
 
@@ -239,3 +270,4 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/ra/v1/certificates", certificates)
     r.add_get("/ra/v1/ocsp/{serial}", ocsp)
     r.add_post("/ra/v1/ocsp", ocsp_batch)
+    r.add_post("/ra/v1/batch", ra_batch.batch)

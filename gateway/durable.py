@@ -289,6 +289,12 @@ class Durable:
 
     async def claim_next(self, now: datetime, seq: int | None = None) -> Entry | None:
         """Claim the oldest pending request (or the one given) that is due; None if there is none."""
+        claimed = await self.claim_many(now, 1, seq=seq)
+        return claimed[0] if claimed else None
+
+    async def claim_many(self, now: datetime, limit: int, *, seq: int | None = None) -> list[Entry]:
+        """Claim up to `limit` of the oldest pending requests that are due (or the one given), at
+        most one per device, in arrival order; [] if there is none."""
         stale = to_rfc3339(now - CLAIM_TIMEOUT)
         # one request per device at a time, so a device's requests reach the CA in its order
         # (NOT EXISTS per candidate goes through requests_device; a NOT IN list of the claimed
@@ -301,14 +307,18 @@ class Durable:
             where += " AND r.seq = ?"
             args += (seq,)
 
-        def run(c: sqlite3.Connection) -> Entry | None:
-            row = c.execute("SELECT r.seq, r.device_id, r.req_id, r.op, r.payload, r.state, r.answer, r.digest "
-                            f"FROM requests r WHERE {where} ORDER BY r.seq LIMIT 1", args).fetchone()
-            if row is None:
-                return None
-            c.execute("UPDATE requests SET claimed_by = ?, claimed_at = ? WHERE seq = ?",
-                      (self._owner, to_rfc3339(now), row[0]))
-            return Entry(*row)
+        def run(c: sqlite3.Connection) -> list[Entry]:
+            rows = c.execute("SELECT r.seq, r.device_id, r.req_id, r.op, r.payload, r.state, r.answer, r.digest "
+                             f"FROM requests r WHERE {where} ORDER BY r.seq LIMIT ?", args + (limit,)).fetchall()
+            devices: set[str] = set()
+            entries = []
+            for row in rows:
+                if row[1] not in devices:   # a device's later request waits for its earlier one
+                    devices.add(row[1])
+                    entries.append(Entry(*row))
+            c.executemany("UPDATE requests SET claimed_by = ?, claimed_at = ? WHERE seq = ?",
+                          [(self._owner, to_rfc3339(now), e.seq) for e in entries])
+            return entries
         return await self._run(run)
 
     async def release_claims(self) -> int:

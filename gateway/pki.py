@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from datetime import datetime
@@ -88,13 +89,15 @@ def check_ocsp(der: bytes, serial: str, issuer: x509.Certificate | None = None) 
         raise GarbageError(f"OCSP response for {serial} is {resp.response_status.name}")
     if resp.serial_number != int(serial, 16):
         raise GarbageError(f"OCSP response for {serial} is about {resp.serial_number:x}")
+    # a responder the CA authorised is the usual signer (iomtca init makes one): tried first
     if issuer is not None and not any(_signed_by(c.public_key(), resp.signature, resp.tbs_response_bytes,
                                                  resp.signature_hash_algorithm)
-                                      for c in [issuer, *(c for c in resp.certificates if _authorised(c, issuer))]):
+                                      for c in [*(c for c in resp.certificates if _authorised(c, issuer)), issuer]):
         raise GarbageError(f"OCSP response for {serial} is not signed by the issuing CA or a responder it authorised")
     return resp
 
 
+@functools.lru_cache(maxsize=16)   # certificates compare by their bytes: the same responder, checked once
 def _authorised(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     try:
         cert.verify_directly_issued_by(issuer)
@@ -146,7 +149,8 @@ def check_page(page) -> list[dict]:
 
 class PKIPublisher:
     def __init__(self, config: GatewayConfig, link: MQTTLink, ra: RAClient, durable: Durable,
-                 clock: Clock = utc_now, *, issuer: x509.Certificate | None = None) -> None:
+                 clock: Clock = utc_now, *, issuer: x509.Certificate | None = None,
+                 broker_control=None) -> None:
         self._config = config
         self._topics = Topics(config.topic_root)
         self._link = link
@@ -161,6 +165,7 @@ class PKIPublisher:
         self._crl_retry_at = 0.0  # loop time before which a stale CRL is not asked for again
         self._crl_published = False
         self.published_changes = 0
+        self._broker_control = broker_control   # gateway.broker_control.BrokerControl, or None (off)
 
     async def run(self) -> None:
         # a TaskGroup, not gather: if one loop dies the other is cancelled too, so a restart by
@@ -221,6 +226,8 @@ class PKIPublisher:
             cursor = last
 
     async def _apply(self, changes: list[dict]) -> None:
+        if self._broker_control is not None:
+            self._broker_control.apply(changes)   # first, and it only queues: the broker drops a revoked device at once
         for change in changes:
             serial = change["serial"]
             await self._publish_ocsp(serial)
@@ -238,13 +245,22 @@ class PKIPublisher:
         await self._try_publish_crl()
         log.info("published %d status change(s)", len(changes))
 
-    async def certificate_issued(self, serial: str) -> None:
-        """A certificate this gateway just handed out: its OCSP response goes up now, not at the next sweep."""
-        if serial not in self._ocsp_due:
-            try:
-                await self._publish_ocsp(serial)
-            except Exception as exc:  # the sweep will catch up
-                log.info("OCSP publication of %s deferred: %s", serial, _describe(exc))
+    async def certificate_issued(self, serial: str, der: bytes | None = None) -> None:
+        """A certificate this gateway just handed out: its OCSP response goes up now, not at the next
+        sweep. `der`: the response the CA sent with the certificate (RA batch), checked against the
+        issuer like any other before it is published; without it (or if it does not check), asked for."""
+        if serial in self._ocsp_due:
+            return
+        try:
+            if der is not None:
+                try:
+                    await self._publish_response(serial, der)
+                    return
+                except GarbageError as exc:
+                    log.warning("OCSP response sent with %s not published (%s); asking the CA", serial, exc)
+            await self._publish_ocsp(serial)
+        except Exception as exc:  # the sweep will catch up
+            log.info("OCSP publication of %s deferred: %s", serial, _describe(exc))
 
     async def _publish_ocsp(self, serial: str) -> None:
         await self._publish_response(serial, await self._ra.ocsp(serial))

@@ -17,6 +17,7 @@ import aiohttp
 from common.errors import CAError, PendingApprovalError, UnavailableError
 
 TIMEOUT = aiohttp.ClientTimeout(total=30, connect=5)
+BATCH_TIMEOUT_S = 60   # a batch of a few hundred issuances behind other gateways' batches
 
 
 class CAUnreachableError(UnavailableError):
@@ -51,16 +52,9 @@ class RAClient:
                                              timeout=aiohttp.ClientTimeout(total=timeout) if timeout else None
                                              ) as resp:
                 body = await resp.read()
-                if resp.status in (502, 503, 504):
-                    raise CAUnreachableError(f"CA answered {resp.status}")
-                if resp.status == 202:
+                if resp.status == 202 or resp.status >= 400:
                     info = _json_or_none(resp, body) or {}
-                    raise PendingApprovalError(info.get("message", "waiting for approval"),
-                                               retry_after=int(resp.headers.get("Retry-After", "60")))
-                if resp.status >= 400:
-                    info = _json_or_none(resp, body) or {}
-                    raise RemoteError(info.get("code", "unavailable"),
-                                      info.get("message", f"CA answered {resp.status}"), info.get("retry_after"))
+                    raise refusal(resp.status, info, resp.headers.get("Retry-After"))
                 return body if raw else await resp.json(content_type=None)
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
             raise CAUnreachableError(f"CA at {self._base} is unreachable: {type(exc).__name__} {exc}") from None
@@ -72,6 +66,28 @@ class RAClient:
     async def simplereenroll(self, device_id: str, cms_b64: str, request_id: str) -> dict:
         return await self._call("POST", f"/ra/v1/devices/{device_id}/simplereenroll",
                                 json={"cms": cms_b64, "request_id": request_id})
+
+    async def batch(self, requests: list[dict]) -> list[dict | CAError]:
+        """Many enrollments and renewals in one call (POST /ra/v1/batch, at most BATCH_MAX): each
+        item `{"op", "device_id", "csr"/"cms", "token", "request_id"}` gets, in order, the `ok`
+        answer (a dict, with `ocsp`: the new certificate's OCSP response, base64 DER) or the
+        `CAError` its single call would have raised (`PendingApprovalError`, `CAUnreachableError`,
+        `RemoteError`). The whole call failing raises as any call does."""
+        data = await self._call("POST", "/ra/v1/batch", json={"requests": requests}, timeout=BATCH_TIMEOUT_S)
+        results = data["results"]
+        if not isinstance(results, list) or len(results) != len(requests):
+            raise TypeError(f"batch answer of the wrong shape: {str(data)[:200]}")
+        out: list[dict | CAError] = []
+        for result in results:
+            if not isinstance(result, dict):
+                raise TypeError(f"batch result of the wrong shape: {str(result)[:200]}")
+            if result.get("status") == "ok":
+                out.append(result)
+                continue
+            status = result.get("http_status")
+            status = status if isinstance(status, int) and (status == 202 or status >= 400) else 500
+            out.append(refusal(status, result))
+        return out
 
     async def cacerts(self) -> dict:
         return await self._call("GET", "/ra/v1/cacerts")
@@ -133,6 +149,18 @@ class RAClient:
         task = asyncio.get_running_loop().create_task(retire())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+
+
+def refusal(status: int, info: dict, retry_after_header: str | None = None) -> CAError:
+    """The error a refusal of the CA becomes, from its HTTP status (202 or >= 400) and JSON error
+    body: the same for a single call and for one item of a batch."""
+    if status in (502, 503, 504):
+        return CAUnreachableError(f"CA answered {status}")
+    if status == 202:
+        retry = retry_after_header or info.get("retry_after") or 60
+        return PendingApprovalError(info.get("message", "waiting for approval"), retry_after=int(retry))
+    return RemoteError(info.get("code", "unavailable"), info.get("message", f"CA answered {status}"),
+                       info.get("retry_after"))
 
 
 def _json_or_none(resp: aiohttp.ClientResponse, body: bytes):

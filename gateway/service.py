@@ -3,7 +3,10 @@
 Every request is stored before the broker hears it was received (manual PUBACK),
 forwarded by a pool of workers (one request per device at a time, and one
 at a time overall while a backlog drains after an outage, so requests reach the
-CA in arrival order), and its final answer is stored before it is published. A
+CA in arrival order), and its final answer is stored before it is published. Enrollments
+and renewals go to the CA in batches (one `POST /ra/v1/batch` for up to BATCH of them), each
+entry then settled on its own as if it had had its own call; the OCSP response that comes
+with a new certificate goes to `on_issued`, so the PKI publisher need not ask for it. A
 gateway killed at any point loses nothing and never asks the CA twice for the
 same (device, request id); the CA's own request-id check covers the moment
 between its answer and our store.
@@ -26,6 +29,7 @@ A request id reused for a different payload (compared by digest) is answered
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 from datetime import timedelta
@@ -42,7 +46,14 @@ from .topics import Topics
 
 log = logging.getLogger(__name__)
 
-WORKERS = 32            # concurrent requests to the CA: its group commit needs several to share an fsync
+# Forwarders, each with one RA call in flight: enrollments and renewals go in batches of up to
+# BATCH (enroll/ra_batch.py allows 256), whose items share the CA's group commits, so a few calls
+# keep the CA busy; more only queue there: 32 calls of 64 in a storm took over QUEUED_AFTER_S each
+# (every device was told `queued` for nothing), and 4 of 128 beat 8 of 64 (bench/PROFILES.md)
+WORKERS = 4
+BATCH = 128
+BATCHED_OPS = ("simpleenroll", "simplereenroll")
+UNREACHABLE = "unreachable"
 INTAKE_BATCH = 1000     # messages handled (and stored in one transaction) at a time
 OCSP_PUBLISHERS = 4     # concurrent OCSP publications of new certificates, off the answer path
 QUEUED_AFTER_S = 2.0   # a CA slower than this to answer: tell the device `queued` meanwhile
@@ -235,12 +246,14 @@ class GatewayService:
         while True:
             seen = self._work_gen  # work arriving while we look is not missed: we look again at once
             try:
-                entry = None if (self._draining and index) else await self._db.claim_next(self._clock())
+                # a backlog drains one request at a time, in order; otherwise a batch for the CA
+                entries = [] if (self._draining and index) else await self._db.claim_many(
+                    self._clock(), 1 if self._draining else BATCH)
             except StoreError as exc:
                 log.warning("could not claim the next request: %s", exc)
                 await asyncio.sleep(self.config.retry_every.total_seconds())
                 continue
-            if entry is None:
+            if not entries:
                 if index == 0 and self.ca_reachable:
                     self._draining = False  # the backlog is gone: back to parallel forwarding
                 if self._work_gen == seen:
@@ -251,45 +264,97 @@ class GatewayService:
                     except asyncio.TimeoutError:
                         pass
                 continue
-            try:
-                await self._forward(entry)
-            except Exception as exc:
-                if isinstance(exc, StoreError):   # e.g. the answer could not be stored: asked again later
-                    log.warning("forwarding request device=%s req=%s: %s", entry.device_id, entry.req_id, exc)
-                else:
-                    log.exception("forwarding request %s of %s failed", entry.req_id, entry.device_id)
-                try:
-                    await self._db.unclaim(entry.seq)
-                except StoreError as exc:  # the claim lapses by itself (CLAIM_TIMEOUT) or at restart
-                    log.warning("could not release request device=%s req=%s: %s", entry.device_id, entry.req_id,
-                                exc)
+            batched = [e for e in entries if e.op in BATCHED_OPS]
+            single = [e for e in entries if e.op not in BATCHED_OPS]
+            *singles, in_batch = await asyncio.gather(*(self._guarded(e, self._forward(e)) for e in single),
+                                                      self._forward_batch(batched) if batched else _nothing())
+            if UNREACHABLE in singles or UNREACHABLE in in_batch:   # the CA is away: pause before asking again
+                await asyncio.sleep(self.config.retry_every.total_seconds())
 
-    async def _forward(self, entry: Entry) -> None:
-        request = codec.parse_request(entry.device_id, entry.op, entry.payload)
-        call = asyncio.ensure_future(self._call(request))
+    async def _guarded(self, entry: Entry, step):
+        """Run one entry's forwarding step; if it fails, the entry is released to be asked again."""
+        try:
+            return await step
+        except Exception as exc:
+            if isinstance(exc, StoreError):   # e.g. the answer could not be stored: asked again later
+                log.warning("forwarding request device=%s req=%s: %s", entry.device_id, entry.req_id, exc)
+            else:
+                log.exception("forwarding request %s of %s failed", entry.req_id, entry.device_id)
+            return await self._release(entry)
+
+    async def _release(self, entry: Entry) -> None:
+        try:
+            await self._db.unclaim(entry.seq)
+        except StoreError as exc:  # the claim lapses by itself (CLAIM_TIMEOUT) or at restart
+            log.warning("could not release request device=%s req=%s: %s", entry.device_id, entry.req_id, exc)
+
+    async def _queued_if_slow(self, call: asyncio.Future, pending: list[tuple[Entry, str]]) -> None:
         done, _ = await asyncio.wait([call], timeout=QUEUED_AFTER_S)
         if not done:
-            await self._tell_queued(entry.device_id, entry.op, request.id)
-        serial = None
+            for entry, req_id in pending:
+                await self._tell_queued(entry.device_id, entry.op, req_id)
+
+    async def _forward(self, entry: Entry) -> str | None:
+        """One request, one RA call (posture, cacerts, csrattrs)."""
+        request = codec.parse_request(entry.device_id, entry.op, entry.payload)
+        call = asyncio.ensure_future(self._call(request))
+        await self._queued_if_slow(call, [(entry, request.id)])
         try:
-            fields = await call
-            serial = fields.pop("serial", None)
-            answer = codec.ok(request.id, **fields)
-        except CAUnreachableError as exc:
+            outcome: dict | CAError = await call
+        except CAError as exc:
+            outcome = exc
+        return await self._settle(entry, request, outcome)
+
+    async def _forward_batch(self, entries: list[Entry]) -> list[str | None]:
+        """Enrollments and renewals, one RA batch call for all; each entry then settled on its own,
+        concurrently (their answers share the durable store's group commit)."""
+        parsed: list[tuple[Entry, codec.Request]] = []
+        outcomes: list = []
+        for entry in entries:
+            try:
+                parsed.append((entry, codec.parse_request(entry.device_id, entry.op, entry.payload)))
+            except Exception:   # stored as a good request: cannot happen; handled alone, as before
+                outcomes.append(await self._guarded(entry, self._forward(entry)))
+        if not parsed:
+            return outcomes
+        call = asyncio.ensure_future(self._ra.batch([_batch_item(request) for _, request in parsed]))
+        await self._queued_if_slow(call, [(entry, request.id) for entry, request in parsed])
+        try:
+            results: list = await call
+        except CAError as exc:          # the whole call: the same outcome for every entry
+            results = [exc] * len(parsed)
+        except Exception:   # e.g. an answer of the wrong shape: every entry is asked again
+            log.exception("RA batch of %d requests failed; releasing them", len(parsed))
+            outcomes += await asyncio.gather(*(self._release(e) for e, _ in parsed))
+            return outcomes
+        outcomes += await asyncio.gather(*(self._guarded(e, self._settle(e, r, o))
+                                           for (e, r), o in zip(parsed, results)))
+        return outcomes
+
+    async def _settle(self, entry: Entry, request: codec.Request, outcome: dict | CAError) -> str | None:
+        """What one entry's RA call came to: its answer stored, then published; or, if the CA cannot
+        answer now or waits for approval, the entry released (to be asked again) and `queued` told.
+        UNREACHABLE when the CA could not be reached (the forwarder then pauses)."""
+        serial = der = None
+        if isinstance(outcome, CAUnreachableError):
             if self.ca_reachable:
-                log.warning("CA unreachable, queueing requests: %s", exc)
+                log.warning("CA unreachable, queueing requests: %s", outcome)
             self.ca_reachable = False
             self._draining = True
             await self._db.unclaim(entry.seq)
             await self._tell_queued(entry.device_id, entry.op, request.id)
-            await asyncio.sleep(self.config.retry_every.total_seconds())
-            return
-        except PendingApprovalError as exc:
-            await self._db.unclaim(entry.seq, retry_at=self._clock() + timedelta(seconds=exc.retry_after or 60))
+            return UNREACHABLE
+        if isinstance(outcome, PendingApprovalError):
+            await self._db.unclaim(entry.seq, retry_at=self._clock() + timedelta(seconds=outcome.retry_after or 60))
             await self._tell_queued(entry.device_id, entry.op, request.id)
-            return
-        except CAError as exc:
-            answer = codec.error_from(request.id, exc)
+            return None
+        if isinstance(outcome, CAError):
+            answer = codec.error_from(request.id, outcome)
+        else:
+            fields = dict(outcome)
+            serial, ocsp = fields.pop("serial", None), fields.pop("ocsp", None)
+            der = base64.b64decode(ocsp) if isinstance(ocsp, str) else None
+            answer = codec.ok(request.id, **fields)
         if not self.ca_reachable:
             log.info("CA reachable again; forwarding the queue in order")
             self.ca_reachable = True
@@ -299,14 +364,16 @@ class GatewayService:
         await self._link.publish(self.topics.response(entry.device_id, entry.op), payload, wait=False)
         self._new_work()  # the device's next request, if any, may go now
         if serial is not None and self._on_issued is not None:
-            task = asyncio.create_task(self._issued(serial))  # not on the answer path
+            task = asyncio.create_task(self._issued(serial, der))  # not on the answer path
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+        return None
 
-    async def _issued(self, serial: str) -> None:
+    async def _issued(self, serial: str, der: bytes | None) -> None:
         async with self._issued_gate:
             try:
-                await self._on_issued(serial)
+                # the OCSP response the CA sent with the certificate, if any: not asked for again
+                await (self._on_issued(serial) if der is None else self._on_issued(serial, der))
             except Exception:
                 log.exception("after issuing %s", serial)
 
@@ -326,7 +393,7 @@ class GatewayService:
         else:
             data = await self._ra.csrattrs()
             return {"csrattrs": data["csrattrs"], "key_types": data["key_types"]}
-        return {"cert": data["cert"], "chain": data["chain"], "not_after": data["not_after"], "serial": data["serial"]}
+        return _issued_fields(data)
 
     async def _tell_queued(self, device_id: str, op: str, req_id: str) -> None:
         if (device_id, req_id) in self._told_queued:
@@ -336,3 +403,22 @@ class GatewayService:
 
     async def _publish(self, device_id: str, op: str, answer: dict) -> None:
         await self._link.publish(self.topics.response(device_id, op), codec.encode(answer), wait=False)
+
+
+def _issued_fields(data: dict) -> dict:
+    """The fields of an `ok` answer carrying a certificate (and its OCSP response, from a batch)."""
+    fields = {"cert": data["cert"], "chain": data["chain"], "not_after": data["not_after"], "serial": data["serial"]}
+    if "ocsp" in data:
+        fields["ocsp"] = data["ocsp"]
+    return fields
+
+
+def _batch_item(request: codec.Request) -> dict:
+    item = {"op": request.op, "device_id": request.device_id, "request_id": request.id}
+    for name in codec.REQUIRED[request.op]:
+        item[name] = request.fields[name]
+    return item
+
+
+async def _nothing() -> list:
+    return []
