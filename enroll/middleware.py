@@ -45,6 +45,8 @@ def error_response(request: web.Request, exc: CAError) -> web.Response:
         headers["WWW-Authenticate"] = REALM
     if exc.retry_after is not None:
         headers["Retry-After"] = str(exc.retry_after)
+    if getattr(exc, "refused", None):   # whom the refusal is about, when not the request's subject
+        headers["X-Refused"] = exc.refused
     if request.path.startswith(JSON_PATHS):
         body = json.dumps(error_fields(exc))
         return web.Response(status=status, text=body, content_type="application/json", headers=headers)

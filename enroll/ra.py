@@ -29,7 +29,9 @@ MAX_WAIT_S = 30
 
 
 class ForbiddenError(PolicyViolationError):
-    """The caller is not the gateway."""
+    """The caller is not an active gateway. Answered with `X-Refused: ra-credential`, so a gateway
+    tells a refusal of itself from a refusal of the device it relays (and keeps the request)."""
+    refused = "ra-credential"
 
 
 def _b64(data: bytes) -> str:

@@ -24,6 +24,12 @@ class CAUnreachableError(UnavailableError):
     pass
 
 
+class GatewayRefusedError(CAUnreachableError):
+    """The CA refuses this gateway itself (its RA certificate revoked, expired or of no registered
+    gateway): not an answer for the device. Its request stays queued, as when the CA is away, for
+    this gateway once it is set up anew, or for another gateway of its group."""
+
+
 class RemoteError(CAError):
     """A refusal from the CA, with the CA's own code."""
 
@@ -54,6 +60,9 @@ class RAClient:
                 body = await resp.read()
                 if resp.status == 202 or resp.status >= 400:
                     info = _json_or_none(resp, body) or {}
+                    if resp.status == 403 and resp.headers.get("X-Refused") == "ra-credential":
+                        raise GatewayRefusedError(f"the CA refuses this gateway: {info.get('message', '')} "
+                                                  "(revoked? set it up anew: iomtca gateway add / gateway init)")
                     raise refusal(resp.status, info, resp.headers.get("Retry-After"))
                 return body if raw else await resp.json(content_type=None)
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:

@@ -41,7 +41,7 @@ from . import codec
 from .config import GatewayConfig
 from .durable import Durable, Entry, StoreError, digest
 from .mqtt import Message, MQTTLink
-from .ra_client import CAUnreachableError, RAClient
+from .ra_client import CAUnreachableError, GatewayRefusedError, RAClient
 from .topics import Topics
 
 log = logging.getLogger(__name__)
@@ -338,7 +338,8 @@ class GatewayService:
         serial = der = None
         if isinstance(outcome, CAUnreachableError):
             if self.ca_reachable:
-                log.warning("CA unreachable, queueing requests: %s", outcome)
+                level = logging.ERROR if isinstance(outcome, GatewayRefusedError) else logging.WARNING
+                log.log(level, "CA unreachable, queueing requests: %s", outcome)
             self.ca_reachable = False
             self._draining = True
             await self._db.unclaim(entry.seq)

@@ -121,6 +121,7 @@ def test_revoking_a_gateway_refuses_it_on_the_next_call(srv, tmp_path):
     assert serial in out and listed(ca)["ward-4-gw"]["status"] == "revoked"
     reply = ra_get(srv, gwdir)
     assert reply.status == 403 and reply.json()["code"] == "policy_violation", reply
+    assert reply.header("x-refused") == "ra-credential", reply.raw_headers   # the gateway itself, not a device
     cert = {r["serial"]: r for r in json.loads(ca.iomtca("cert", "list", "--json").stdout)}[serial]
     assert cert["status"] == "revoked" and cert["reason"] == "keyCompromise"
     again = ca.iomtca("gateway", "revoke", "ward-4-gw", check=False)

@@ -34,6 +34,25 @@ def send_enrollments(devs: dict, ids: dict[str, str]) -> None:
         dev.send("simpleenroll", dev.enroll_request(ids[device_id], csr))
 
 
+# -- a revoked gateway -------------------------------------------------------------------------------
+def test_a_revoked_gateway_keeps_requests_instead_of_answering_them_with_its_refusal(stack_factory):
+    """After `iomtca gateway revoke`, the CA refuses the gateway itself (X-Refused: ra-credential):
+    that is no answer for the device. Its request is told `queued` and kept, and the gateway says
+    at ERROR why; nothing is issued."""
+    stack = stack_factory().start("gw-revoked")
+    dev = stack.devices(("rs-rv-1", "pumpx"))["rs-rv-1"]
+    gwkit.iomtca(stack.home, "gateway", "revoke", "gw-revoked")
+    _, csr = dev.new_key_and_csr()
+    with Sub(stack.port, ALL_RESPONSES) as sub:
+        dev.send("simpleenroll", dev.enroll_request("rv-1", csr))
+        assert sub.answer("rv-1", 10, final=False)["status"] == "queued"
+        sub.quiet_for(3)
+    assert [m.json()["status"] for m in sub.messages if m.json().get("id") == "rv-1"] == ["queued"]
+    gwkit.wait_until(lambda: "ERROR gateway.service CA unreachable, queueing requests: the CA refuses this gateway"
+                     in stack.gateway.proc.stderr_text(), 10, what="the gateway to say it is refused")
+    assert gwkit.certificates(stack.home, "rs-rv-1") == []
+
+
 # -- 3. the CA down ----------------------------------------------------------------------------------
 def test_ca_down_requests_are_queued_then_all_answered(stack_factory):
     """Every request gets `queued` at once, then its final ok answer with the same id, exactly once.
