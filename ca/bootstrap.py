@@ -15,13 +15,15 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from common.keyfiles import passphrase_or_new
+
 from . import profiles
 from .authority import Authority
 from .codec import cert_pem
 from .config import CAConfig, CAPaths, render_config
 from .errors import ConfigError
 from .issuance import IssuerContext, build_certificate, new_serial, server_names
-from .keystore import PASSPHRASE_ENV, new_passphrase, write_atomic, write_private_key
+from .keystore import PASSPHRASE_ENV, write_atomic, write_private_key
 from .model import check_trust_domain
 from .ocsp_signer import rotate_responder
 from .signer import KEY_TYPES, KeySigner, generate_key
@@ -61,7 +63,7 @@ async def init_ca(home: Path, *, trust_domain: str = "iomt.local", key_type: str
     paths.private.mkdir(mode=0o700, exist_ok=True)
     os.chmod(paths.private, 0o700)
 
-    passphrase, passphrase_file = _passphrase(PASSPHRASE_ENV, paths.passphrase)
+    passphrase, passphrase_file = passphrase_or_new(PASSPHRASE_ENV, paths.passphrase)
 
     names = tuple(dict.fromkeys(CAConfig().server_names + tuple(extra_server_names)))
     config = CAConfig(trust_domain=trust_domain, key_type=key_type, server_names=names,
@@ -98,13 +100,3 @@ async def init_ca(home: Path, *, trust_domain: str = "iomt.local", key_type: str
 
         await rotate_responder(authority, actor=ACTOR)
     return InitResult(paths, passphrase_file, replaced)
-
-
-def _passphrase(env: str, path: Path) -> tuple[bytes, Path | None]:
-    """The passphrase from `env` if set (nothing written), else a new one written to `path` (0600)."""
-    value = os.environ.get(env)
-    if value:
-        return value.encode(), None
-    value = new_passphrase()
-    write_atomic(path, value + b"\n", mode=0o600)
-    return value, path

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
+from common.keyfiles import toml_str
+
 from . import profiles as profiles_mod
 from .errors import BadRequestError, ConfigError
 from .model import check_trust_domain
@@ -287,42 +289,38 @@ def parse_config(raw: dict, home: Path) -> CAConfig:
     )
 
 
-def _toml_str(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def render_config(cfg: CAConfig, *, passphrase_file: str | None) -> str:
     """The config.toml `iomtca init` writes: every setting spelled out with its meaning."""
-    names = ", ".join(_toml_str(n) for n in cfg.server_names)
+    names = ", ".join(toml_str(n) for n in cfg.server_names)
     lines = [
         "# iomt-ca configuration, written by `iomtca init`. Durations: 90s, 30m, 72h, 7d, 1d12h.",
         "[ca]",
-        f"trust_domain = {_toml_str(cfg.trust_domain)}   # SPIFFE trust domain of device identities",
-        f"key_type = {_toml_str(cfg.key_type)}          # key type of the CA and service keys",
+        f"trust_domain = {toml_str(cfg.trust_domain)}   # SPIFFE trust domain of device identities",
+        f"key_type = {toml_str(cfg.key_type)}          # key type of the CA and service keys",
         "# Base URL of the plain-HTTP OCSP/CRL listener, written into every certificate's",
         "# CRL distribution point (/crl) and AIA (/ocsp, /ca.cer). Change it for a real deployment.",
-        f"base_url = {_toml_str(cfg.base_url)}",
-        f"crl_next_update = {_toml_str(format_duration(cfg.crl_next_update))}",
-        f"ocsp_validity = {_toml_str(format_duration(cfg.ocsp_validity))}        # nextUpdate of OCSP responses",
-        f"ocsp_signer_lifetime = {_toml_str(format_duration(cfg.ocsp_signer_lifetime))}  # rotated at 2/3 of it",
-        f"token_ttl = {_toml_str(format_duration(cfg.token_ttl))}            # enrollment token lifetime",
-        f"renewal_grace = {_toml_str(format_duration(cfg.renewal_grace))}        # an expired certificate may renew itself this long",
+        f"base_url = {toml_str(cfg.base_url)}",
+        f"crl_next_update = {toml_str(format_duration(cfg.crl_next_update))}",
+        f"ocsp_validity = {toml_str(format_duration(cfg.ocsp_validity))}        # nextUpdate of OCSP responses",
+        f"ocsp_signer_lifetime = {toml_str(format_duration(cfg.ocsp_signer_lifetime))}  # rotated at 2/3 of it",
+        f"token_ttl = {toml_str(format_duration(cfg.token_ttl))}            # enrollment token lifetime",
+        f"renewal_grace = {toml_str(format_duration(cfg.renewal_grace))}        # an expired certificate may renew itself this long",
         f"server_names = [{names}]   # SANs of the enrollment server certificate",
     ]
     if passphrase_file:
-        lines.append(f"passphrase_file = {_toml_str(passphrase_file)}   # or set IOMTCA_PASSPHRASE")
+        lines.append(f"passphrase_file = {toml_str(passphrase_file)}   # or set IOMTCA_PASSPHRASE")
     lines += [
         "",
         "[ca.profiles.device]",
-        f"lifetime = {_toml_str(format_duration(cfg.profile('device').lifetime))}",
+        f"lifetime = {toml_str(format_duration(cfg.profile('device').lifetime))}",
         "",
         "# Service certificates renew themselves at 2/3 of their lifetime, and at start when longer",
         "# than the lifetime set here (`iomtca status` shows when). The OCSP responder's lifetime is",
         "# ocsp_signer_lifetime above (or [ca.profiles.ocsp] lifetime, not both).",
         "# [ca.profiles.server]      # the EST server's TLS certificate (server.pem)",
-        f"# lifetime = {_toml_str(format_duration(cfg.profile('server').lifetime))}",
+        f"# lifetime = {toml_str(format_duration(cfg.profile('server').lifetime))}",
         "# [ca.profiles.gateway]     # a gateway's RA client certificate (iomtca gateway add / gateway init)",
-        f"# lifetime = {_toml_str(format_duration(cfg.profile('gateway').lifetime))}",
+        f"# lifetime = {toml_str(format_duration(cfg.profile('gateway').lifetime))}",
         "",
         "# A further device profile, selected by an EST label (/.well-known/est/demo/...):",
         "# [ca.profiles.demo]",
@@ -352,7 +350,7 @@ def render_config(cfg: CAConfig, *, passphrase_file: str | None) -> str:
         "models = []",
         "",
         "[storage]",
-        f"path = {_toml_str(cfg.database.name)}",
+        f"path = {toml_str(cfg.database.name)}",
         "",
     ]
     return "\n".join(lines)

@@ -27,10 +27,10 @@ from cryptography import x509
 from common.ids import check_id
 
 from . import policy, status
-from .errors import (ConflictError, NotFoundError, PolicyViolationError, RevokedError, TokenExpiredError,
+from .errors import (CAError, ConflictError, NotFoundError, PolicyViolationError, RevokedError, TokenExpiredError,
                      TokenUsedError, UnauthorizedError)
 from .issuance import proven_key, service_names
-from .model import (AuditEvent, CertRecord, CertStatus, Gateway, GatewayStatus, Issued, RevocationReason,
+from .model import (AuditEvent, CertStatus, Gateway, GatewayStatus, Issued, RevocationReason,
                     serial_hex)
 from .registry import TOKEN_BYTES, token_digest
 
@@ -94,13 +94,11 @@ async def enroll(authority: "Authority", name: str, secret: str, csr: x509.Certi
                 raise UnauthorizedError(f"gateway {name} enrolled meanwhile; its token is spent")
             await tx.append_audit(AuditEvent("gateway_enrolled", who, serial=issued.serial,
                                              detail={"gateway": name}), now)
-    except Exception as exc:
-        code = getattr(exc, "code", None)
-        if code is not None:
-            async with authority.store.write() as tx:
-                await tx.append_audit(AuditEvent("gateway_enroll_refused", who,
-                                                 detail={"gateway": name, "code": code, "reason": str(exc)}), now)
-            log.warning("gateway enrollment refused gateway=%s code=%s reason=%s", name, code, exc)
+    except CAError as exc:
+        async with authority.store.write() as tx:
+            await tx.append_audit(AuditEvent("gateway_enroll_refused", who,
+                                             detail={"gateway": name, "code": exc.code, "reason": exc.message}), now)
+        log.warning("gateway enrollment refused gateway=%s code=%s reason=%s", name, exc.code, exc)
         raise
     log.info("gateway %s enrolled serial=%s not_after=%s", name, serial_hex(issued.serial),
              issued.not_after.isoformat())
@@ -137,14 +135,14 @@ async def active_gateway(authority: "Authority", serial: int) -> Gateway:
     return gateway
 
 
-async def renew(authority: "Authority", presented: CertRecord, key, subject: x509.Name,
+async def renew(authority: "Authority", presented_serial: int, key, subject: x509.Name,
                 sans: list[x509.GeneralName], *, actor: str) -> Issued:
-    """A new RA certificate for the gateway of `presented`, linked to it in the same transaction."""
+    """A new RA certificate for the gateway of the one presented, linked to it in the same transaction."""
     async with authority.store.write() as tx:
-        gateway = await tx.gateway_of_certificate(presented.serial)
+        gateway = await tx.gateway_of_certificate(presented_serial)
         if gateway is None or gateway.status is not GatewayStatus.ACTIVE:
             state = "unregistered" if gateway is None else gateway.status.value
-            raise RevokedError(f"the gateway of RA certificate {serial_hex(presented.serial)} is {state}")
+            raise RevokedError(f"the gateway of RA certificate {serial_hex(presented_serial)} is {state}")
         issued = await authority.issue_service(key, PROFILE, subject, sans, actor=actor, tx=tx)
         await tx.link_gateway_certificate(issued.serial, gateway.name)
     return issued

@@ -35,7 +35,7 @@ from .config import CAConfig, CAPaths
 from .errors import CAError, ConfigError, RevokedError, UnauthorizedError
 from .issuance import proven_key, server_names
 from .keystore import file_lock, load_private_key, write_atomic, write_private_key
-from .model import AuditEvent, CertStatus, Issued, serial_hex
+from .model import AuditEvent, CertStatus, GatewayStatus, Issued, serial_hex
 from .signer import generate_key
 from .timefmt import format_duration
 
@@ -182,8 +182,8 @@ async def renew_ra_certificate(authority: "Authority", presented: x509.Certifica
         await _check_presented(authority, presented, now)
         key = proven_key(csr)   # proof of possession of the new key
         policy.key_allowed(key, authority.config.profile("gateway"))
-        record = await authority.certificate(presented.serial_number)
-        issued = await gateways.renew(authority, record, key, presented.subject, _sans(presented), actor=who)
+        issued = await gateways.renew(authority, presented.serial_number, key, presented.subject, _sans(presented),
+                                      actor=who)
     except CAError as exc:
         async with authority.store.write() as tx:
             await tx.append_audit(AuditEvent("ra_renewal_refused", who, serial=presented.serial_number,
@@ -219,7 +219,7 @@ async def active_gateway_certificates(store) -> list[tuple[str, x509.Certificate
     found = []
     async with store.read() as tx:
         for gateway in await tx.list_gateways():
-            if gateway.status.value == "active" and gateway.serial is not None:
+            if gateway.status is GatewayStatus.ACTIVE and gateway.serial is not None:
                 record = await tx.get_certificate(gateway.serial)
                 if record is not None:
                     found.append((gateway.name, x509.load_der_x509_certificate(record.der)))

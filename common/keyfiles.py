@@ -108,6 +108,23 @@ def new_passphrase() -> bytes:
     return secrets.token_urlsafe(32).encode()
 
 
+def passphrase_or_new(env: str, path: Path, what: str = "passphrase") -> tuple[bytes, Path | None]:
+    """For `init`: the passphrase from `env` if set (nothing written, None); else the one in the
+    0600 file `path`, which is made with a new passphrase if it does not exist yet (an init that
+    stopped half-way keeps the one it made)."""
+    value = os.environ.get(env)
+    if value:
+        return value.encode(), None
+    if not path.exists():
+        write_atomic(path, new_passphrase() + b"\n", mode=0o600)
+    return read_secret(env, path, what), path
+
+
+def toml_str(value: str) -> str:
+    """A TOML basic string (for the config files `init` writes)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def read_secret(env: str, path: Path | None, what: str) -> bytes:
     """A secret: the environment variable `env` if set, else the 0600 file `path`."""
     value = os.environ.get(env)

@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 
 from common.errors import CAError, ConfigError
 from common.ids import check_id
-from common.keyfiles import GATEWAY_PASSPHRASE_ENV, write_atomic, write_private_key
+from common.keyfiles import GATEWAY_PASSPHRASE_ENV, passphrase_or_new, toml_str, write_atomic, write_private_key
 from common.keys import generate_key, hash_for
 
 from .home import GatewayHome
@@ -36,7 +36,6 @@ from .ra_client import RemoteError
 from .ra_identity import check_answer
 
 TIMEOUT_S = 30
-PASSPHRASE_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -49,10 +48,6 @@ class SetupResult:
 
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _toml_str(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _load_root(path: Path) -> x509.Certificate:
@@ -97,7 +92,7 @@ async def init_gateway(home: Path, *, ca_url: str, root: Path, name: str, token:
     paths.home.mkdir(parents=True, exist_ok=True)
     paths.private.mkdir(mode=0o700, exist_ok=True)
     os.chmod(paths.private, 0o700)
-    passphrase, passphrase_file = _passphrase(paths)
+    passphrase, passphrase_file = passphrase_or_new(GATEWAY_PASSPHRASE_ENV, paths.passphrase, "gateway passphrase")
 
     key = await asyncio.to_thread(generate_key, key_type)
     csr = (x509.CertificateSigningRequestBuilder()
@@ -114,22 +109,11 @@ async def init_gateway(home: Path, *, ca_url: str, root: Path, name: str, token:
     write_atomic(paths.ra_cert, _pem(cert) + _pem(chain[0]))
     write_atomic(paths.root_cert, _pem(root_cert))
     lines = ["# written by `iomtca gateway init`; settings: docs/GATEWAY.md", "[gateway]",
-             f"name = {_toml_str(name)}", f"ca_url = {_toml_str(ca_url)}"]
+             f"name = {toml_str(name)}", f"ca_url = {toml_str(ca_url)}"]
     if broker is not None:
-        lines.append(f"broker = {_toml_str(broker)}")
+        lines.append(f"broker = {toml_str(broker)}")
     write_atomic(paths.config, ("\n".join(lines) + "\n").encode(), mode=0o640)
     return SetupResult(paths, cert.serial_number, cert.not_valid_after_utc.isoformat(), passphrase_file)
-
-
-def _passphrase(paths: GatewayHome) -> tuple[bytes, Path | None]:
-    value = os.environ.get(GATEWAY_PASSPHRASE_ENV)
-    if value:
-        return value.encode(), None
-    if paths.passphrase.exists():   # an earlier init that stopped half-way made it: keep it
-        return paths.read_passphrase(), paths.passphrase
-    secret = base64.urlsafe_b64encode(os.urandom(PASSPHRASE_BYTES)).rstrip(b"=")
-    write_atomic(paths.passphrase, secret + b"\n", mode=0o600)
-    return secret, paths.passphrase
 
 
 async def _enroll(ca_url: str, root: Path, name: str, token: str, csr_der: bytes) -> dict:

@@ -1,4 +1,4 @@
-"""SQLite storage: the only module with SQL.
+"""SQLite storage: with `sqlite_schema.py` (the migrations), the only modules with SQL.
 
 WAL mode lets readers run beside the one writer; writes start with BEGIN
 IMMEDIATE so that concurrent writers (other coroutines, the CLI, other worker

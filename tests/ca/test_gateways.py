@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ca import gateways
 from ca.authority import Authority
-from ca.errors import (KeyPolicyError, PolicyViolationError, RevokedError, TokenExpiredError, TokenUsedError,
+from ca.errors import (BadRequestError, KeyPolicyError, PolicyViolationError, RevokedError, TokenExpiredError, TokenUsedError,
                        UnauthorizedError)
 from ca.model import CertStatus, GatewayStatus, RevocationReason
 from tests.conftest import make_csr
@@ -85,6 +85,6 @@ async def test_one_token_one_certificate_under_concurrency(ca_home, clock):
 async def test_a_name_has_the_device_id_syntax(ca_home, clock):
     async with await Authority.open(ca_home, clock=clock) as authority:
         for bad in ("", "a b", "x\nINJECTED", "-lead", "a" * 65):
-            with pytest.raises(Exception, match="invalid gateway name"):
+            with pytest.raises(BadRequestError, match="invalid gateway name"):
                 await gateways.register(authority, bad, actor="operator:test")
         assert await gateways.list_gateways(authority) == []
