@@ -169,6 +169,7 @@ class Issued:
     chain: tuple[x509.Certificate, ...]
     device_id: str | None
     profile: str
+    new: bool = True   # False: the certificate an earlier request with the same id produced
 
     @property
     def serial(self) -> int:

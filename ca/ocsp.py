@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 from asn1crypto import keys as asn1_keys
 from cryptography import x509
@@ -15,6 +15,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
+from . import der
 from .errors import BadRequestError
 from .model import CertStatus, RevocationReason
 from .signer import Signer
@@ -110,30 +111,64 @@ def build_response(
     hash_algorithm: hashes.HashAlgorithm | None = None,
     nonce: bytes | None = None,
 ) -> bytes:
-    """A signed successful BasicOCSPResponse (DER) for one serial."""
+    """A signed successful BasicOCSPResponse (DER) for one serial, produced at `this_update`.
+
+    Encoded here (see `der.py`), as certificates and CRLs are: the same bytes cryptography's
+    OCSPResponseBuilder emits (tests/ca/test_ocsp_encoding.py compares them), without re-encoding
+    the responder certificate on every response, and signed through any `Signer` (a key or a token),
+    where the builder needs the private key object. Times are whole seconds (GeneralizedTime).
+    """
     algorithm = hash_algorithm or hashes.SHA1()
     name_hash, key_hash = issuer_hashes(issuer_cert, algorithm)
     if answer.status is None:
-        status, revoked_at, reason = ocsp.OCSPCertStatus.UNKNOWN, None, None
+        status = b"\x82\x00"                       # unknown [2] IMPLICIT NULL
     elif answer.status is CertStatus.GOOD:
-        status, revoked_at, reason = ocsp.OCSPCertStatus.GOOD, None, None
+        status = b"\x80\x00"                       # good [0] IMPLICIT NULL
     else:
-        status = ocsp.OCSPCertStatus.REVOKED
-        revoked_at = answer.revoked_at
         r = answer.reason or RevocationReason.unspecified
         # RFC 5280 5.3.1 advice applies here too: omit the reason when it says nothing.
-        reason = None if r is RevocationReason.unspecified else r.flag
-    builder = (
-        ocsp.OCSPResponseBuilder()
-        .add_response_by_hash(name_hash, key_hash, serial, algorithm, status,
-                              this_update, next_update, revoked_at, reason)
-        .responder_id(ocsp.OCSPResponderEncoding.HASH, responder_cert)
-        .certificates([responder_cert])
-    )
+        reason = b"" if r is RevocationReason.unspecified else der.explicit(0, der.enumerated(r.value))
+        status = der.tlv(0xA1, _generalized(answer.revoked_at) + reason)   # revoked [1] IMPLICIT RevokedInfo
+    single = der.sequence(
+        der.sequence(_hash_identifier(algorithm.name), der.octet_string(name_hash), der.octet_string(key_hash),
+                     der.integer(serial)),
+        status, _generalized(this_update), der.explicit(0, _generalized(next_update)))
+    extensions = b""
     if nonce is not None and len(nonce) <= NONCE_ECHO_MAX:
-        builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
-    response = builder.sign(responder_signer.private_key, responder_signer.hash_algorithm)
-    return response.public_bytes(serialization.Encoding.DER)
+        extensions = der.explicit(1, der.sequence(der.extension(OID_NONCE, der.octet_string(nonce))))
+    responder_id, certs = _responder_parts(responder_cert)
+    tbs = der.sequence(responder_id, _generalized(this_update), der.sequence(single), extensions)
+    basic = der.sequence(tbs, responder_signer.algorithm_identifier, der.bit_string(responder_signer.sign(tbs)), certs)
+    # OCSPResponse: successful (0), responseBytes [0] EXPLICIT { id-pkix-ocsp-basic, OCTET STRING }
+    return der.sequence(b"\x0a\x01\x00", der.explicit(0, der.sequence(der.oid(OID_BASIC), der.octet_string(basic))))
+
+
+OID_BASIC = "1.3.6.1.5.5.7.48.1.1"
+OID_NONCE = "1.3.6.1.5.5.7.48.1.2"
+_HASH_OIDS = {"sha1": "1.3.14.3.2.26", "sha224": "2.16.840.1.101.3.4.2.4", "sha256": "2.16.840.1.101.3.4.2.1",
+              "sha384": "2.16.840.1.101.3.4.2.2", "sha512": "2.16.840.1.101.3.4.2.3"}
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_identifier(name: str) -> bytes:
+    if name not in _HASH_OIDS:
+        raise BadRequestError(f"OCSP CertID hash {name} is not supported")
+    return der.sequence(der.oid(_HASH_OIDS[name]), der.null())   # with NULL parameters, as OpenSSL writes
+
+
+@functools.lru_cache(maxsize=16)   # certificates compare by their bytes: once per responder
+def _responder_parts(responder_cert: x509.Certificate) -> tuple[bytes, bytes]:
+    """(responderID byKey: SHA-1 of the responder's public key bits, the certs field carrying it)."""
+    key_hash = _issuer_hashes(responder_cert, hashes.SHA1())[1]
+    return (der.explicit(2, der.octet_string(key_hash)),
+            der.explicit(0, der.sequence(responder_cert.public_bytes(serialization.Encoding.DER))))
+
+
+def _generalized(when: datetime) -> bytes:
+    """GeneralizedTime in whole seconds, UTC (RFC 6960 refers to RFC 5280 4.1.2.5.2)."""
+    when = when.astimezone(timezone.utc) if when.tzinfo is not timezone.utc else when
+    return b"\x18\x0f" + (f"{when.year:04d}{when.month:02d}{when.day:02d}{when.hour:02d}{when.minute:02d}"
+                           f"{when.second:02d}Z").encode()
 
 
 def error_response(status: ocsp.OCSPResponseStatus) -> bytes:
