@@ -17,9 +17,10 @@ from functools import cached_property
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.x509 import ocsp as x509_ocsp
 
 from ca.authority import Authority
+from ca.model import CertStatus, Issued
+from ca.ocsp import OCSPAnswer
 
 log = logging.getLogger(__name__)
 
@@ -185,20 +186,36 @@ class Publisher:
             self._cache.move_to_end(key)
             return item
         for _ in range(SIGN_ATTEMPTS):
-            # A status change committed after ocsp_response() read the status, and applied by the
+            # A status change committed after ocsp_signed() read the status, and applied by the
             # follower before the insert, would otherwise leave the old status cached (nothing
             # left to pop) and served until half its validity. Keep the answer only if no change
             # was applied meanwhile (see "Versioning" above); else sign again from a fresh read.
             seen = self._seen
-            der = await self._authority.ocsp_response(serial, hash_algorithm=algorithm)
-            resp = x509_ocsp.load_der_ocsp_response(der)
-            item = Published(der, resp.this_update_utc, resp.next_update_utc)
-            if self._seen == seen:
-                self._cache[key] = item
-                self._cache.move_to_end(key)
-                if len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
+            item = Published(*await self._authority.ocsp_signed(serial, hash_algorithm=algorithm))
+            if self._keep(key, item, seen):
                 return item
         # overtaken every time (a burst of changes): answer from the latest read, keep nothing
         log.debug("OCSP response for serial %x not cached: status changes kept arriving", serial)
         return item
+
+    async def issued(self, issued: Issued, seen: int) -> bytes:
+        """The OCSP response (SHA-1 CertID) to hand out with a certificate. One just issued is good
+        and is signed from what is in hand, without a store read; kept in the cache only if no
+        status change was applied since `seen`, this publisher's `last_change` read before the
+        issuance began (a change to the new serial can only come after). A repeated request's
+        certificate may have changed status since: that one goes the usual way."""
+        if not issued.new:
+            return await self.cached(issued.serial)
+        serial = issued.serial
+        item = Published(*await self._authority.ocsp_signed(serial, answer=OCSPAnswer(CertStatus.GOOD)))
+        self._keep((serial, "sha1"), item, seen)
+        return item.der
+
+    def _keep(self, key: tuple[int, str], item: Published, seen: int) -> bool:
+        if self._seen != seen:
+            return False
+        self._cache[key] = item
+        self._cache.move_to_end(key)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return True

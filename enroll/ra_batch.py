@@ -82,6 +82,7 @@ async def batch(request: web.Request) -> web.Response:
 
 async def _one(authority, publisher: Publisher, index: int, item: dict) -> dict:
     op, device = item.get("op"), item.get("device_id")
+    seen = publisher.last_change   # before the issuance: see Publisher.issued
     try:
         if op not in OPS:
             raise BadRequestError(f"field 'op' must be one of {', '.join(OPS)}")
@@ -98,7 +99,7 @@ async def _one(authority, publisher: Publisher, index: int, item: dict) -> dict:
         return dict(INTERNAL)
     result = ra.issued_fields(issued)
     try:
-        result["ocsp"] = base64.b64encode(await publisher.cached(issued.serial)).decode()
+        result["ocsp"] = base64.b64encode(await publisher.issued(issued, seen)).decode()
     except Exception:   # the certificate is committed and goes out; the gateway fetches its OCSP itself
         log.exception("no OCSP response for the new certificate serial=%s", result["serial"])
     return result

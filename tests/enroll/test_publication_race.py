@@ -118,7 +118,7 @@ async def test_revocation_applied_after_the_insert_pops_the_entry(authority, pub
 async def test_a_cached_hit_is_not_signed_again(authority, publisher, monkeypatch):
     cert = await issue(authority, "pump-1")
     serial = cert.serial_number
-    signings = Counter(monkeypatch, authority, "ocsp_response")
+    signings = Counter(monkeypatch, authority, "ocsp_signed")
     store_reads = Counter(monkeypatch, authority, "last_status_change")
     request = ocsp_request(authority, cert)
     first = await publisher.cached(serial)
@@ -227,3 +227,40 @@ async def test_crl_re_signing_that_failed_is_retried_by_the_next_poll(authority,
     await publisher.refresh_once()   # no new change: re-signs only because the CRL is behind
     assert fetches.calls == 2
     assert crl_lists(publisher._crl.der, serial)
+
+
+async def issued_with_seen(authority, publisher, device_id: str, **kw):
+    token = await authority.registry.add(new_device(device_id, model="infusion-pump", owner="ICU"), actor="test")
+    seen = publisher.last_change   # what the RA batch handler reads before the issuance
+    return await authority.enroll(device_id, make_csr()[0], TokenAuth(token.secret), **kw), seen
+
+
+async def test_a_new_certificate_is_answered_good_without_a_status_read_and_cached(authority, publisher, monkeypatch):
+    reads = Counter(monkeypatch, authority, "ocsp_answer")
+    signings = Counter(monkeypatch, authority, "ocsp_signed")
+    issued, seen = await issued_with_seen(authority, publisher, "pump-1")
+    der = await publisher.issued(issued, seen)
+    assert status(der) is GOOD and reads.calls == 0 and signings.calls == 1
+    resp = x509_ocsp.load_der_ocsp_response(der)
+    assert resp.serial_number == issued.serial
+    assert await publisher.cached(issued.serial) == der and signings.calls == 1   # kept: not signed again
+
+
+async def test_a_change_applied_since_the_issuance_began_keeps_the_answer_out_of_the_cache(authority, publisher):
+    issued, seen = await issued_with_seen(authority, publisher, "pump-1")
+    # the new certificate is revoked and the follower applies it before its OCSP answer is made
+    await authority.revoke(issued.serial, RevocationReason.keyCompromise, actor="test")
+    await publisher.refresh_once()
+    assert status(await publisher.issued(issued, seen)) is GOOD   # true when issued, handed out with it
+    assert status(await publisher.cached(issued.serial)) is REVOKED   # but never cached as good
+
+
+async def test_a_repeated_request_gets_the_status_it_has_now(authority, publisher):
+    issued, _ = await issued_with_seen(authority, publisher, "pump-1", request_id="r1")
+    await authority.revoke(issued.serial, RevocationReason.keyCompromise, actor="test")
+    await publisher.refresh_once()
+    # the device repeats its request id (its token is spent): the same certificate, revoked by now
+    seen = publisher.last_change
+    again = await authority.enroll("pump-1", make_csr()[0], TokenAuth("spent"), request_id="r1")
+    assert again.serial == issued.serial and not again.new
+    assert status(await publisher.issued(again, seen)) is REVOKED
