@@ -503,13 +503,14 @@ def miss7(r: dict) -> str:
             f"The CA's one event loop is the bound: enrollments and renewals reach it in RA batches ({WORKERS} "
             f"calls of up to {BATCH} in flight, enroll/ra_batch.py), so per-request HTTPS and the OCSP fetch per "
             f"certificate are gone, and its {server} CPU-seconds are nearly all issuance: py-spy (bench/PROFILES.md, "
-            "`IOMTCA_BENCH_PROFILE=DIR python -m bench.run --only 7`) has `Authority.enroll` at half of the server's "
-            "samples (building and signing 15%, proof of possession 10%, rows and audit 10%) and signing each new "
-            "certificate's OCSP response 18%, with the loop hardly ever idle; the gateway is paho reading packets "
-            "(30%), checking each OCSP response's signature before publishing it (21%) and its durable store (15%). "
-            "What would move it: fewer Python steps per issuance inside `Authority` (one write block for a whole "
-            "batch, the audit rows of a batch hashed together), and a second core for the CA that the gateway "
-            "and the broker do not need (`--workers 2` on this shared 2-core machine was no faster). "
+            "`IOMTCA_BENCH_PROFILE=DIR python -m bench.run --only 7`) has `Authority.enroll` at 60% of the server's "
+            "samples (building and signing 15%, proof of possession 12%, rows and audit 11%) and each new "
+            "certificate's OCSP response, signed from the record in hand, at 10%; the three ECDSA operations per "
+            "certificate are a third of its CPU. The gateway is paho reading packets (33%), its durable store "
+            "(15%) and checking each OCSP response's signature before publishing it (13%). What would move it: "
+            "one write block for a whole batch inside `Authority` (the reads of all items in a few queries, the "
+            "audit rows hashed together) and a leaner MQTT client in the gateway; `--workers 2` on this shared "
+            "2-core machine was no faster. "
             "The bar needs the whole chain under ~1 ms of CPU per certificate on this shared 2-core machine.")
 
 

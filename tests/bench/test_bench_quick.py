@@ -30,3 +30,10 @@ def test_quick_bench_writes_results_and_table(tmp_path):
     # every process the harness started is gone (openssl's responder runs in its own namespace)
     leftover = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "iomtca-bench-" not in leftover, leftover
+
+
+def test_batch_cpu_smoke():
+    """`python -m bench.batch_cpu` (bench/PROFILES.md) runs: every item issued with its OCSP response."""
+    proc = subprocess.run([sys.executable, "-m", "bench.batch_cpu", "64"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.startswith("64 batch items: ") and "ms CPU per item" in proc.stdout, proc.stdout
