@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from . import der
+from .codec import fully_parsed
 from .errors import BadRequestError, CAError, UnauthorizedError
 
 # A CSR (at most 64 KiB, see codec.MAX_CSR_BYTES) plus a certificate or two.
@@ -191,9 +192,10 @@ def _signer_certificate(signed: asn1_cms.SignedData, sid: asn1_cms.SignerIdentif
     if chosen.serial_number <= 0:  # cryptography only warns about these, for now
         raise BadRequestError("CMS signer certificate has a serial number that is not positive")
     try:
-        return x509.load_der_x509_certificate(encoded)
+        cert = x509.load_der_x509_certificate(encoded)
     except (ValueError, x509.InvalidVersion) as exc:
         raise BadRequestError(f"CMS signer certificate is not a valid X.509 certificate: {exc}") from exc
+    return fully_parsed(cert, "CMS signer certificate")
 
 
 def _signature_algorithm(algorithm, digest_oid: str) -> tuple[str, object]:

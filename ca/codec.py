@@ -30,7 +30,7 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_csr(bytes(data))
         return x509.load_der_x509_csr(bytes(data))
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:   # InvalidVersion is no ValueError (a 500, once)
         raise BadRequestError(f"CSR is not a valid PKCS#10 request: {exc}") from exc
 
 
@@ -41,8 +41,22 @@ def load_certificate(data: bytes) -> x509.Certificate:
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_certificate(bytes(data))
         return x509.load_der_x509_certificate(bytes(data))
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise BadRequestError(f"not a valid X.509 certificate: {exc}") from exc
+
+
+# What cryptography may raise from a certificate's parts, which it parses only when first asked for.
+CERT_PARSE_ERRORS = (ValueError, x509.InvalidVersion, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
+
+
+def fully_parsed(cert: x509.Certificate, what: str = "certificate") -> x509.Certificate:
+    """`cert` with its names and extensions parsed now: a broken one is the caller's input error
+    here, not a surprise for whatever reads them later (fuzz/ found such certificates)."""
+    try:
+        cert.subject, cert.issuer, cert.extensions
+    except CERT_PARSE_ERRORS as exc:
+        raise BadRequestError(f"{what} is not a valid X.509 certificate: {exc}") from exc
+    return cert
 
 
 def b64decode_strict(text: str | bytes, what: str = "value") -> bytes:

@@ -12,6 +12,7 @@ DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 def check_id(value: str, what: str = "device id") -> str:
     """`value` if it has the device-id syntax (gateway names too), else a BadRequestError naming `what`."""
     if not isinstance(value, str) or not DEVICE_ID_RE.match(value):
-        raise BadRequestError(f"invalid {what} {value!r}: use 1-64 letters, digits, '.', '_' or '-', "
+        shown = repr(value[:80] + ("..." if len(value) > 80 else "")) if isinstance(value, str) else type(value).__name__
+        raise BadRequestError(f"invalid {what} {shown}: use 1-64 letters, digits, '.', '_' or '-', "
                               "starting with a letter or digit")
     return value

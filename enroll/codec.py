@@ -7,11 +7,12 @@ import re
 import secrets
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs7
 
 from ca import der
-from ca.codec import b64decode_strict, load_csr
+from ca.codec import b64decode_strict, fully_parsed, load_csr
 from ca.errors import BadRequestError
 
 CT_PKCS10 = "application/pkcs10"
@@ -51,9 +52,10 @@ def encode_certs_only(certs: list[x509.Certificate]) -> bytes:
 
 def decode_certs_only(body: bytes) -> list[x509.Certificate]:
     try:
-        return pkcs7.load_der_pkcs7_certificates(b64decode_strict(body, "PKCS#7 body"))
-    except ValueError as exc:
+        certs = pkcs7.load_der_pkcs7_certificates(b64decode_strict(body, "PKCS#7 body"))
+    except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as exc:   # fuzz/ found the last two
         raise BadRequestError(f"not a PKCS#7 certs-only structure: {exc}") from exc
+    return [fully_parsed(c, "certificate in the PKCS#7") for c in certs]
 
 
 def encode_csrattrs(key_types: list[str], *, challenge_password: bool) -> bytes:

@@ -167,7 +167,10 @@ async def serverkeygen(request: web.Request) -> web.Response:
 
 
 async def fullcmc(request: web.Request) -> web.Response:
-    raise web.HTTPNotImplemented(text="fullcmc is not supported by this server (RFC 7030 4.3 is optional)\n")
+    # 404, not 501: no input makes this server answer 5xx (docs/SECURITY.md); the operation is
+    # optional (RFC 7030 4.3) and simply not here
+    raise web.HTTPNotFound(text="fullcmc is not supported by this server (RFC 7030 4.3 is optional); "
+                                "use simpleenroll or simplereenroll\n")
 
 
 def add_routes(app: web.Application) -> None:

@@ -148,11 +148,12 @@ async def simplereenroll(request: web.Request) -> web.Response:
 
 async def presence(request: web.Request) -> web.Response:
     """An unsigned presence report: stored as reported, changes no trust."""
+    device_id = _device_id(request)   # checked before anything else is read
     body = await read_json(request)
     online = body.get("online")
     if not isinstance(online, bool):
         raise BadRequestError("field 'online' must be true or false")
-    await request.app[AUTHORITY].record_presence(_device_id(request), online=online)
+    await request.app[AUTHORITY].record_presence(device_id, online=online)
     return web.json_response({"status": "ok"})
 
 

@@ -86,11 +86,10 @@ def test_csrattrs_names_p256(est, ca, tools):
     assert "prime256v1" in out and "id-ecPublicKey" in out and "ecdsa-with-SHA256" in out, out
 
 
-def test_fullcmc_is_not_implemented(est, ca, tools):
+def test_fullcmc_is_not_here(est, ca, tools):
     _, csr = ca.make_csr("cmc")
-    reply = est.est_post("fullcmc", tools.b64_body(csr.read_bytes()), content_type="application/pkcs7-mime",
-                         allow_5xx=(501,))
-    assert reply.status == 501, reply
+    reply = est.est_post("fullcmc", tools.b64_body(csr.read_bytes()), content_type="application/pkcs7-mime")
+    assert reply.status == 404, reply
     assert "fullcmc" in reply.text
 
 
