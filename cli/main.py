@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ca.errors import CAError, ConfigError
+from common import logsafe
 from ca.signer import KEY_TYPES
 
 from . import cert_cmds, device_cmds, gateway_cmds, init_cmd, status_cmd
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet = getattr(args, "log_level", logging.CRITICAL)  # servers log at INFO, admin commands stay quiet
     logging.basicConfig(level=logging.INFO if args.verbose else quiet,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    logsafe.install()
     try:
         return asyncio.run(args.func(args)) or 0
     except (CAError, ConfigError) as exc:

@@ -34,6 +34,7 @@ from ca.authority import Authority
 from ca.config import CAPaths, load_config
 from ca.errors import CAError, ConfigError
 from ca.keystore import read_passphrase
+from common import logsafe
 from ca.service_certs import renew_at, renew_server_certificate, server_renewal_point
 
 from .app import create_app, create_responder_app
@@ -449,6 +450,7 @@ def worker_entry(argv: list[str] | None = None) -> int:
     sys.stdin.close()
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s worker-{args.worker} %(name)s %(message)s")
+    logsafe.install()
     try:
         asyncio.run(_worker_main(args, passphrase))
     except KeyboardInterrupt:
