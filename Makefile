@@ -11,7 +11,7 @@ DEB_TOOLS := openssl:openssl mosquitto:mosquitto mosquitto_pub:mosquitto-clients
 BENCH_STAMP := $(VENV)/.bench-installed
 DEMO_DIR ?= demo-data
 
-.PHONY: test demo bench deps venv clean
+.PHONY: test demo bench fuzz deps venv clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,14 @@ demo: venv deps
 # QUICK=1: small sizes, under 2 minutes (what the test suite runs)
 bench: venv deps $(BENCH_STAMP)
 	$(PY) -m bench.run $(if $(QUICK),--quick)
+
+# every fuzz target under atheris for FUZZ_SECONDS each (default 60), then the seeded wire run:
+# mutated requests against a real `iomtca serve` (FUZZ_REQUESTS, default 100000)
+FUZZ_SECONDS ?= 60
+FUZZ_REQUESTS ?= 100000
+fuzz: venv deps
+	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS)
+	$(PY) -m fuzz.wire --requests $(FUZZ_REQUESTS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .hypothesis
