@@ -15,22 +15,22 @@ from typing import Callable
 
 from cryptography import x509
 
-from . import attendance, idevid, proof, status
+from . import attendance, failures, idevid, proof, status
 from . import policy
 from .codec import cert_der
 from .config import CAConfig, CAPaths, load_config
 from .credentials import (CertificateAuth, Credential, IDevIDAuth, OperatorAuth, SignedRequestAuth, TokenAuth,
                           actor, operator)
-from .errors import (BadRequestError, CAError, NotFoundError, PendingApprovalError, PolicyViolationError,
-                     SupersededError, UnauthorizedError, UnknownDeviceError)
+from .errors import (BadRequestError, CAError, NotAcceptedError, NotFoundError, PendingApprovalError,
+                     PolicyViolationError, RateLimitedError, SupersededError, TokenExpiredError, TokenUsedError,
+                     UnauthorizedError, UnknownDeviceError)
 from .issuance import IssuerContext, build_certificate, issue_device_certificate, new_serial, proven_key
 from .keystore import load_cert, load_private_key, read_passphrase
 from .model import (AuditEvent, CertRecord, CertStatus, Device, DeviceStatus, Issued, RevocationReason,
                     serial_hex)
 from .ocsp_signer import OCSPResponder
 from .publication import CA_PROFILES, Publication
-from .ratelimit import FailureLimiter
-from .registry import Registry, edited_fields, find_token
+from .registry import Registry, edited_fields, find_token, token_digest
 from .signer import KeySigner
 from .store import Store, Tx
 from .store.sqlite import SQLiteStore
@@ -58,7 +58,8 @@ class Authority(Publication):
         self._responder: OCSPResponder | None = None
         self._responder_lock = asyncio.Lock()
         # Wrong tokens per device: 5 in 15 minutes, then the device waits (RFC 7030 3.2.3 leaves this to us).
-        self.token_failures = FailureLimiter(limit=5, window=timedelta(minutes=15), what="device", clock=clock)
+        # [enroll] source_failures, set by the server: failed anonymous logins per source and window
+        self.source_failure_limit = 20
 
     @classmethod
     async def open(cls, home: Path, *, clock: Clock = utc_now, serial_source: Callable[[], int] = new_serial,
@@ -109,19 +110,19 @@ class Authority(Publication):
         who = actor(credential, device_id)
         self.config.profile(profile)  # an unknown profile fails before anything is read or written
         try:
-            if isinstance(credential, TokenAuth):
-                self.token_failures.check(device_id)
             # outside the write lock: other issuances commit meanwhile
             key = proven_key(csr)
             async with self.store.write() as tx:
                 if (earlier := await self._earlier_result(tx, device_id, request_id)) is not None:
                     return earlier
-                device = await self._device(tx, device_id)
-                policy.device_active(device)  # before the token: a retired device hears so plainly
                 token = None
                 if isinstance(credential, TokenAuth):
-                    token = await self._token(tx, device_id, credential.secret, now)
-                elif isinstance(credential, IDevIDAuth):
+                    # anonymous until the token matches: nothing about the device is told before
+                    device, token = await self._token_login(tx, device_id, credential, now)
+                else:
+                    device = await self._device(tx, device_id)
+                policy.device_active(device)
+                if isinstance(credential, IDevIDAuth):
                     idevid.check(device, credential)
                 if not isinstance(credential, OperatorAuth):
                     await self._approval(tx, device, now, who)
@@ -137,10 +138,8 @@ class Authority(Publication):
             await self._record_pending(device_id, now, who)
             raise
         except CAError as exc:
-            await self._audit_refusal(now, who, device_id, exc)
+            await self._refused(now, who, device_id, credential, exc)
             raise
-        if isinstance(credential, TokenAuth):
-            self.token_failures.succeeded(device_id)
         return issued
 
     async def precheck(self, device_id: str, credential: Credential) -> None:
@@ -151,17 +150,16 @@ class Authority(Publication):
         now = self._clock()
         who = actor(credential, device_id)
         try:
-            if isinstance(credential, TokenAuth):
-                self.token_failures.check(device_id)
             async with self.store.read() as tx:
-                device = await self._device(tx, device_id)
-                policy.device_active(device)
                 if isinstance(credential, TokenAuth):
-                    await self._token(tx, device_id, credential.secret, now)
+                    device, _ = await self._token_login(tx, device_id, credential, now)
                 else:
+                    device = await self._device(tx, device_id)
+                policy.device_active(device)
+                if isinstance(credential, IDevIDAuth):
                     idevid.check(device, credential)
         except CAError as exc:
-            await self._audit_refusal(now, who, device_id, exc)
+            await self._refused(now, who, device_id, credential, exc)
             raise
 
     async def renew(self, device_id: str | None, csr: x509.CertificateSigningRequest,
@@ -285,12 +283,39 @@ class Authority(Publication):
             raise UnknownDeviceError(f"device {device_id} is not registered")
         return device
 
-    async def _token(self, tx: Tx, device_id: str, secret: str, now: datetime):
+    async def _token_login(self, tx: Tx, device_id: str, credential: TokenAuth, now: datetime):
+        """(device, token row) a one-time token logs in. Until the token matches, an unknown id and
+        a wrong token are one NotAcceptedError; a locked (device, source) or source is 429."""
+        await failures.check(tx, failures.keys(device_id, credential.source), now, self.source_failure_limit)
+        device = await tx.get_device(device_id)
+        if device is None:
+            token_digest(credential.secret)   # about the work of a wrong token: no timing tell
+            raise NotAcceptedError(f"device {device_id} is not registered")
         try:
-            return await find_token(tx, device_id, secret, now)
-        except UnauthorizedError:
-            self.token_failures.failed(device_id)
-            raise
+            token = await find_token(tx, device_id, credential.secret, now)
+        except (TokenUsedError, TokenExpiredError):
+            raise   # the caller holds the device's real token: it may hear what became of it
+        except UnauthorizedError as exc:
+            raise NotAcceptedError(exc.message) from None
+        return device, token
+
+    async def _refused(self, now: datetime, who: str, device_id: str, credential, exc: CAError) -> None:
+        """A refused enrollment: audited, except an anonymous one (a token that did not match, an
+        unknown id, a locked source), which is counted (ca/failures.py) and audited per source
+        and window by `audit_anonymous_failures`."""
+        if isinstance(credential, TokenAuth) and isinstance(exc, (NotAcceptedError, RateLimitedError)):
+            if isinstance(exc, NotAcceptedError):
+                async with self.store.write() as tx:
+                    await failures.record(tx, failures.keys(device_id, credential.source), now)
+            log.info("anonymous enrollment refused device=%s source=%s: %s", device_id, credential.source,
+                     getattr(exc, "why", exc.message))
+            return
+        await self._audit_refusal(now, who, device_id, exc)
+
+    async def audit_anonymous_failures(self) -> int:
+        """One audit entry per source and ended window of failed anonymous logins (ca/failures.py)."""
+        async with self.store.write() as tx:
+            return await failures.audit_windows(tx, self._clock())
 
     async def _approval(self, tx: Tx, device: Device, now: datetime, who: str) -> None:
         """First enrollments of configured device classes wait for `iomtca device approve`."""

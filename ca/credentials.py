@@ -1,7 +1,8 @@
 """How a caller proves the right to a device certificate: one type per kind of proof."""
 from __future__ import annotations
 
-import getpass
+import os
+import pwd
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -10,9 +11,11 @@ from cryptography import x509
 
 @dataclass(frozen=True)
 class TokenAuth:
-    """The device's one-time enrollment token (EST Basic auth, MQTT `token`)."""
+    """The device's one-time enrollment token (EST Basic auth, MQTT `token`). `source`: where the
+    attempt came from (the client address, or `ra:GATEWAY` for a relayed one), for ca/failures.py."""
 
     secret: str
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,13 @@ Credential = TokenAuth | OperatorAuth | CertificateAuth | SignedRequestAuth | ID
 
 
 def operator() -> OperatorAuth:
+    """The operator at the CLI: the account of the process's real uid, never LOGNAME or USER from
+    the environment (which anyone can set); the uid itself where it has no passwd entry."""
+    uid = os.getuid()
     try:
-        return OperatorAuth(getpass.getuser())
-    except Exception:  # no passwd entry in some containers
-        return OperatorAuth("unknown")
+        return OperatorAuth(pwd.getpwuid(uid).pw_name)
+    except KeyError:   # no passwd entry (some containers)
+        return OperatorAuth(f"uid-{uid}")
 
 
 def actor(credential: Credential, device_id: str) -> str:

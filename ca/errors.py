@@ -4,6 +4,7 @@ from common.errors import (  # noqa: F401 (re-exported)
     BadRequestError,
     ProofOfPossessionError,
     UnauthorizedError,
+    NotAcceptedError,
     TokenExpiredError,
     TokenUsedError,
     SupersededError,
@@ -20,4 +21,4 @@ from common.errors import (  # noqa: F401 (re-exported)
     ConfigError,
 )
 
-__all__ = ["CAError", "BadRequestError", "ProofOfPossessionError", "UnauthorizedError", "TokenExpiredError", "TokenUsedError", "SupersededError", "UnknownDeviceError", "RevokedError", "PostureError", "PolicyViolationError", "KeyPolicyError", "RateLimitedError", "UnavailableError", "PendingApprovalError", "ConflictError", "NotFoundError", "ConfigError"]
+__all__ = ["CAError", "BadRequestError", "ProofOfPossessionError", "UnauthorizedError", "NotAcceptedError", "TokenExpiredError", "TokenUsedError", "SupersededError", "UnknownDeviceError", "RevokedError", "PostureError", "PolicyViolationError", "KeyPolicyError", "RateLimitedError", "UnavailableError", "PendingApprovalError", "ConflictError", "NotFoundError", "ConfigError"]

@@ -37,6 +37,18 @@ class UnauthorizedError(CAError):
     code = "unauthorized"
 
 
+class NotAcceptedError(UnauthorizedError):
+    """A one-time-token login that failed before the token matched: an unregistered device id and a
+    wrong token get this same answer, so a stranger cannot tell which ids exist. `why` is the real
+    reason, for the server's own log and counters only."""
+
+    GENERIC = "device id or enrollment token not accepted"
+
+    def __init__(self, why: str) -> None:
+        super().__init__(self.GENERIC)
+        self.why = why
+
+
 class TokenExpiredError(UnauthorizedError):
     pass
 

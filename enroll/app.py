@@ -3,18 +3,16 @@ responder app (OCSP and CRL only, as RFC 5280 and RFC 6960 relying parties expec
 from __future__ import annotations
 
 from concurrent.futures import Executor
-from datetime import timedelta
 
 from aiohttp import web
 
 from ca.authority import Authority
-from ca.ratelimit import FailureLimiter
 
 from . import est, gateway_enroll, posture, ra, ra_service, responder
 from .config import EnrollConfig
 from .middleware import errors
 from .publication import Publisher
-from .state import AUTHORITY, CONFIG, KEYGEN, PUBLISHER, SOURCE_FAILURES
+from .state import AUTHORITY, CONFIG, KEYGEN, PUBLISHER
 
 
 def _base(authority: Authority, config: EnrollConfig, publisher: Publisher, middlewares) -> web.Application:
@@ -28,8 +26,7 @@ def _base(authority: Authority, config: EnrollConfig, publisher: Publisher, midd
 def create_app(authority: Authority, config: EnrollConfig, publisher: Publisher, keygen: Executor) -> web.Application:
     app = _base(authority, config, publisher, [errors, ra.ra_only])
     app[KEYGEN] = keygen
-    app[SOURCE_FAILURES] = FailureLimiter(limit=config.source_failures, window=timedelta(minutes=15),
-                                          what="address", clock=authority.now)
+    authority.source_failure_limit = config.source_failures   # [enroll] source_failures (ca/failures.py)
     est.add_routes(app)
     ra.add_routes(app)
     ra_service.add_routes(app)

@@ -16,8 +16,8 @@ from ca.signer import generate_key
 
 from . import codec
 from .channel_binding import challenge_password, channel_binding
-from .identity import basic_credentials, classify, peer_certificate
-from .state import AUTHORITY, CONFIG, KEYGEN, SOURCE_FAILURES
+from .identity import basic_credentials, classify, client_source, peer_certificate
+from .state import AUTHORITY, CONFIG, KEYGEN
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,8 @@ def check_channel_binding(request: web.Request, csr: x509.CertificateSigningRequ
 async def _enroll_identity(request: web.Request):
     """(device_id, credential) for simpleenroll/serverkeygen: Basic token, IDevID, or current certificate."""
     authority, config = request.app[AUTHORITY], request.app[CONFIG]
-    basic = basic_credentials(request)
-    if basic is not None:
-        request.app[SOURCE_FAILURES].check(request.remote or "?")
+    basic = basic_credentials(request, client_source(request, config))
+    if basic is not None:   # counted and limited per device and source in the core (ca/failures.py)
         return basic.device_id, basic.token
     cert = peer_certificate(request, config)
     if cert is not None:
@@ -83,13 +82,9 @@ async def _enroll_identity(request: web.Request):
 async def _issue(request: web.Request, csr: x509.CertificateSigningRequest, profile: str, identity=None):
     authority = request.app[AUTHORITY]
     device_id, credential = identity or await _enroll_identity(request)
-    try:
-        if isinstance(credential, CertificateAuth):
-            return await authority.renew(device_id, csr, credential)
-        return await authority.enroll(device_id, csr, credential, profile=profile)
-    except UnauthorizedError:
-        request.app[SOURCE_FAILURES].failed(request.remote or "?")
-        raise
+    if isinstance(credential, CertificateAuth):
+        return await authority.renew(device_id, csr, credential)
+    return await authority.enroll(device_id, csr, credential, profile=profile)
 
 
 async def cacerts(request: web.Request) -> web.Response:
@@ -149,11 +144,7 @@ async def serverkeygen(request: web.Request) -> web.Response:
     identity = await _enroll_identity(request)
     if identity[0] is not None:
         # no key generation for callers who could not enroll anyway (keygen costs CPU)
-        try:
-            await request.app[AUTHORITY].precheck(*identity)
-        except UnauthorizedError:
-            request.app[SOURCE_FAILURES].failed(request.remote or "?")
-            raise
+        await request.app[AUTHORITY].precheck(*identity)
     key_type = _serverkeygen_type(request_csr)
     loop = asyncio.get_running_loop()
     key_der = await loop.run_in_executor(request.app[KEYGEN], _keygen, key_type)

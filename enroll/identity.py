@@ -32,7 +32,25 @@ class BasicCredentials:
     token: TokenAuth
 
 
-def basic_credentials(request: web.Request) -> BasicCredentials | None:
+def client_source(request, config: EnrollConfig) -> str:
+    """Where a request comes from, for the failure counters (ca/failures.py): the peer address, or,
+    from a proxy in `trusted_proxies`, the nearest address in X-Forwarded-For that is not one of
+    them (what the proxies saw; anything further left the client could have written)."""
+    remote = request.remote or "unknown"
+    if not _from_trusted_proxy(request, config):
+        return remote
+    hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",") if h.strip()]
+    for hop in reversed(hops):
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return remote   # a hop that is no address: trust the list no further than the proxy
+        if not any(address in net for net in config.trusted_proxies):
+            return str(address)
+    return remote
+
+
+def basic_credentials(request: web.Request, source: str | None = None) -> BasicCredentials | None:
     header = request.headers.get("Authorization")
     if not header:
         return None
@@ -46,7 +64,7 @@ def basic_credentials(request: web.Request) -> BasicCredentials | None:
     if not sep or not user or not password:
         raise UnauthorizedError("Basic credentials need the device id as user and the enrollment token as password")
     # checked before it is used, logged or stored: the syntax is public, so saying so tells nothing
-    return BasicCredentials(check_id(user), TokenAuth(password))
+    return BasicCredentials(check_id(user), TokenAuth(password, source=source))
 
 
 def peer_certificate(request: web.Request, config: EnrollConfig) -> x509.Certificate | None:

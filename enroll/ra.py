@@ -17,13 +17,14 @@ from ca.authority import Authority
 from ca.codec import b64decode_strict, cert_der, load_csr, posture_json
 from ca.credentials import CertificateAuth, SignedRequestAuth, TokenAuth
 from ca.errors import BadRequestError, CAError, PolicyViolationError
+from ca.failures import RA_PREFIX
 from ca.model import CertStatus, Issued, check_device_id, parse_serial, serial_hex
 from ca.timefmt import to_rfc3339
 
 from . import codec, ra_batch
 from .est import DEFAULT_DEVICE_KEY
 from .identity import classify, peer_certificate
-from .state import AUTHORITY, CONFIG, PUBLISHER
+from .state import AUTHORITY, CONFIG, PUBLISHER, RA_GATEWAY
 
 MAX_WAIT_S = 30
 
@@ -52,7 +53,7 @@ async def _require_ra(request: web.Request) -> None:
                 and record.not_before <= now <= record.not_after):
             # on every call: a revoked gateway is refused at once, whichever of its certificates it shows
             try:
-                await gateways.active_gateway(authority, record.serial)
+                request[RA_GATEWAY] = (await gateways.active_gateway(authority, record.serial)).name
             except CAError as exc:
                 raise ForbiddenError(f"the RA API refuses this gateway: {exc}") from None
             return
@@ -120,12 +121,18 @@ def _device_id(request: web.Request) -> str:
     return check_device_id(request.match_info["device_id"])
 
 
-async def enroll_device(authority: Authority, device_id: str, body: dict) -> Issued:
+async def enroll_device(authority: Authority, device_id: str, body: dict, source: str | None = None) -> Issued:
     """A relayed first enrollment (`{"csr", "token"[, "request_id"]}`): the single endpoint and
-    each batch item (enroll/ra_batch.py) parse and issue through this one function."""
+    each batch item (enroll/ra_batch.py) parse and issue through this one function. `source`:
+    `ra:GATEWAY`, under which its failed tokens are counted (ca/failures.py)."""
     csr = load_csr(b64decode_strict(string_field(body, "csr"), "csr"))
-    return await authority.enroll(device_id, csr, TokenAuth(string_field(body, "token")),
+    return await authority.enroll(device_id, csr, TokenAuth(string_field(body, "token"), source=source),
                                   request_id=_request_id(body))
+
+
+def relay_source(request: web.Request) -> str:
+    """`ra:GATEWAY` of the gateway `_require_ra` let in."""
+    return f"{RA_PREFIX}{request.get(RA_GATEWAY, 'unknown')}"
 
 
 async def reenroll_device(authority: Authority, device_id: str, body: dict) -> Issued:
@@ -138,7 +145,8 @@ async def reenroll_device(authority: Authority, device_id: str, body: dict) -> I
 
 async def simpleenroll(request: web.Request) -> web.Response:
     device_id = _device_id(request)
-    return issued_json(await enroll_device(request.app[AUTHORITY], device_id, await read_json(request)))
+    return issued_json(await enroll_device(request.app[AUTHORITY], device_id, await read_json(request),
+                                           relay_source(request)))
 
 
 async def simplereenroll(request: web.Request) -> web.Response:

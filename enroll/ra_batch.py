@@ -74,13 +74,15 @@ async def batch(request: web.Request) -> web.Response:
     if not all(isinstance(item, dict) for item in items):
         raise BadRequestError("every entry of 'requests' must be a JSON object")
     authority, publisher = request.app[AUTHORITY], request.app[PUBLISHER]
-    results = await asyncio.gather(*(_one(authority, publisher, index, item) for index, item in enumerate(items)))
+    source = ra.relay_source(request)
+    results = await asyncio.gather(*(_one(authority, publisher, index, item, source)
+                                     for index, item in enumerate(items)))
     issued = sum(1 for r in results if r["status"] == "ok")
     log.info("RA batch of %d: %d issued, %d refused", len(items), issued, len(items) - issued)
     return web.json_response({"results": results})
 
 
-async def _one(authority, publisher: Publisher, index: int, item: dict) -> dict:
+async def _one(authority, publisher: Publisher, index: int, item: dict, source: str | None = None) -> dict:
     op, device = item.get("op"), item.get("device_id")
     seen = publisher.last_change   # before the issuance: see Publisher.issued
     try:
@@ -88,7 +90,7 @@ async def _one(authority, publisher: Publisher, index: int, item: dict) -> dict:
             raise BadRequestError(f"field 'op' must be one of {', '.join(OPS)}")
         device_id = check_device_id(device)
         if op == "simpleenroll":
-            issued = await ra.enroll_device(authority, device_id, item)
+            issued = await ra.enroll_device(authority, device_id, item, source)
         else:
             issued = await ra.reenroll_device(authority, device_id, item)
     except CAError as exc:

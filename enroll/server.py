@@ -143,6 +143,7 @@ async def run_worker(authority: Authority, config: EnrollConfig, est_socks: list
     tasks = [asyncio.create_task(publisher.follow(), name="status-follower")]
     if duties:  # once per server, not once per worker
         tasks.append(asyncio.create_task(_attendance(authority), name="attendance"))
+        tasks.append(asyncio.create_task(_anonymous_failures(authority), name="anonymous-failure-audit"))
     runners = []
     try:
         server_ctx = ServerContext(authority.paths, config, authority.key_passphrase)
@@ -310,6 +311,16 @@ async def _attendance(authority: Authority) -> None:
             await authority.enforce_attendance()
         except Exception:
             log.exception("attendance check failed; retrying next period")
+
+
+async def _anonymous_failures(authority: Authority) -> None:
+    """Audit failed anonymous logins per source and ended window (ca/failures.py), every minute."""
+    while True:
+        await asyncio.sleep(60)
+        try:
+            await authority.audit_anonymous_failures()
+        except Exception:
+            log.exception("auditing failed anonymous logins failed; retrying in a minute")
 
 
 async def _until_signalled() -> None:

@@ -6,7 +6,6 @@ from concurrent.futures import Executor
 from aiohttp import web
 
 from ca.authority import Authority
-from ca.ratelimit import FailureLimiter
 
 from .config import EnrollConfig
 from .publication import Publisher
@@ -15,4 +14,5 @@ AUTHORITY = web.AppKey("authority", Authority)
 CONFIG = web.AppKey("config", EnrollConfig)
 PUBLISHER = web.AppKey("publisher", Publisher)
 KEYGEN = web.AppKey("keygen", Executor)
-SOURCE_FAILURES = web.AppKey("source_failures", FailureLimiter)
+# the name of the gateway whose RA certificate opened this request (enroll/ra.py `_require_ra`)
+RA_GATEWAY = web.RequestKey("ra_gateway", str)

@@ -47,6 +47,7 @@ from ..model import (
 )
 from ..timefmt import from_rfc3339, to_rfc3339
 from . import TokenRow
+from .sqlite_failures import FailureQueries
 from .sqlite_schema import MIGRATIONS, migrate  # noqa: F401 (MIGRATIONS re-exported)
 
 BUSY_TIMEOUT_S = 30.0
@@ -151,7 +152,7 @@ class _Threaded:
         return await self._conn.execute_fetchall(sql, args)
 
 
-class SQLiteTx:
+class SQLiteTx(FailureQueries):
     """The `Tx` methods over one connection (`_Direct` in writes, `_Threaded` in reads)."""
 
     def __init__(self, conn: _Direct | _Threaded) -> None:

@@ -190,6 +190,21 @@ MIGRATIONS: list[str] = [
     WHEN OLD.status = 'revoked' AND NEW.status <> 'revoked'
     BEGIN SELECT RAISE(ABORT, 'a revoked gateway stays revoked'); END;
     """,
+    # 10: failed anonymous logins counted per (device, source) and per source in fixed windows,
+    # shared by every worker and kept across restarts (ca/failures.py); audited per source and window
+    """
+    CREATE TABLE auth_failures (
+        scope TEXT NOT NULL CHECK (scope IN ('device-source', 'source')),
+        key TEXT NOT NULL,
+        source TEXT NOT NULL,
+        window_start TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        audited INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (scope, key, window_start)
+    );
+    CREATE INDEX auth_failures_audit ON auth_failures(scope, audited, window_start);
+    CREATE INDEX auth_failures_source ON auth_failures(scope, source, window_start);
+    """,
 ]
 
 

@@ -10,11 +10,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ca.authority import Authority, OperatorAuth, TokenAuth
-from ca.errors import (KeyPolicyError, PolicyViolationError, ProofOfPossessionError, RevokedError,
+from ca.errors import (NotAcceptedError, KeyPolicyError, PolicyViolationError, ProofOfPossessionError, RevokedError,
                        TokenExpiredError, TokenUsedError, UnauthorizedError, UnknownDeviceError)
 from ca.model import CertStatus, RevocationReason
 from ca.registry import new_device
-from tests.conftest import make_csr
+from tests.conftest import T0, make_csr
 
 
 @pytest.fixture
@@ -55,8 +55,8 @@ async def test_refusals_write_only_an_audit_entry(authority, clock, case):
     other = await register(authority, "pump-2")
     csr = make_csr()[0]
     secret, device_id = token.secret, "pump-1"
-    expected = {"wrong": UnauthorizedError, "expired": TokenExpiredError, "other-device": UnauthorizedError,
-                "unknown-device": UnknownDeviceError, "decommissioned": RevokedError,
+    expected = {"wrong": NotAcceptedError, "expired": TokenExpiredError, "other-device": NotAcceptedError,
+                "unknown-device": NotAcceptedError, "decommissioned": NotAcceptedError,   # its tokens burned
                 "weak-key": KeyPolicyError, "bad-signature": ProofOfPossessionError,
                 "foreign-san": PolicyViolationError}[case]
     if case == "wrong":
@@ -83,7 +83,14 @@ async def test_refusals_write_only_an_audit_entry(authority, clock, case):
     assert err.value.message  # a readable reason
     after_certs, after_audit = await counts(authority)
     assert after_certs == before_certs
-    assert after_audit == before_audit + ["enroll_refused"]
+    if expected is NotAcceptedError:
+        # anonymous: one answer for an unknown id and a wrong token, counted, not audited one by one
+        assert err.value.message == NotAcceptedError.GENERIC and err.value.code == "unauthorized"
+        assert after_audit == before_audit
+        async with authority.store.read() as tx:
+            assert await tx.count_failures("source", "unknown", T0 - timedelta(hours=1)) == 1
+    else:
+        assert after_audit == before_audit + ["enroll_refused"]
     # a refused attempt must not burn a good token
     if case in ("weak-key", "bad-signature", "foreign-san", "wrong", "other-device"):
         issued = await authority.enroll("pump-1", make_csr()[0], TokenAuth(token.secret))
@@ -144,8 +151,11 @@ async def test_decommission_revokes_everything_and_burns_tokens(authority):
     for serial in serials:
         rec = await authority.certificate(serial)
         assert rec.status is CertStatus.REVOKED and rec.reason is RevocationReason.cessationOfOperation
-    with pytest.raises(RevokedError):
+    # its token is burned: to a token login it is as if it never matched (nothing told to strangers)
+    with pytest.raises(NotAcceptedError):
         await authority.enroll("pump-1", make_csr()[0], TokenAuth(token.secret))
+    with pytest.raises(RevokedError):   # an operator hears it plainly
+        await authority.enroll("pump-1", make_csr()[0], OperatorAuth("e"))
     with pytest.raises(PolicyViolationError):
         await authority.registry.new_token("pump-1", actor="e")
 

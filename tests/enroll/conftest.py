@@ -373,8 +373,9 @@ class Server:
     def est_post(self, op: str, body: bytes | Path, *, user: tuple[str, str] | None = None,
                  cert: DeviceCert | None = None, label: str | None = None,
                  content_type: str | None = "application/pkcs10", headers: tuple[str, ...] = (),
-                 allow_5xx: tuple[int, ...] = ()) -> Reply:
-        """POST an EST operation the way RFC 7030 appendix A does it with curl."""
+                 allow_5xx: tuple[int, ...] = (), source: str | None = None) -> Reply:
+        """POST an EST operation the way RFC 7030 appendix A does it with curl (from the loopback
+        address `source`, e.g. 127.0.0.2, when given: another client as the server sees it)."""
         path = f"{EST}/{label}/{op}" if label else f"{EST}/{op}"
         if isinstance(body, bytes):
             body = self.ca.write("body", body)
@@ -387,6 +388,8 @@ class Server:
             args += ["-u", f"{user[0]}:{user[1]}"]
         if cert:
             args += ["--cert", cert.cert_path, "--key", cert.key]
+        if source:
+            args += ["--interface", source]
         return self.https(path, *args, allow_5xx=allow_5xx)
 
     def enroll(self, device_id: str, token: str, *, key: Path | None = None, label: str | None = None,
