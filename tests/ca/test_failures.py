@@ -123,3 +123,13 @@ async def test_failures_are_audited_once_per_source_and_window(authority, clock)
     await authority.audit_anonymous_failures()
     async with authority.store.read() as tx:   # old windows are forgotten once audited
         assert await tx.count_failures("source", A, authority.now() - timedelta(days=1)) == 0
+
+
+def test_the_operator_is_the_real_uid_not_the_environment(monkeypatch):
+    import os
+    import pwd
+
+    from ca.credentials import operator
+    monkeypatch.setenv("USER", "mallory")
+    monkeypatch.setenv("LOGNAME", "mallory")
+    assert operator().name == pwd.getpwuid(os.getuid()).pw_name != "mallory"
