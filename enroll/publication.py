@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import cached_property
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.x509 import ocsp as x509_ocsp
 
 from ca.authority import Authority
 from ca.model import CertStatus, Issued
 from ca.ocsp import OCSPAnswer
+from ca.ocsp import error_response as ocsp_error
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,8 @@ CERT_ID_HASHES = ("sha1", "sha224", "sha256", "sha384", "sha512")
 # Signings of one OCSP response that may each be overtaken by a status change before the answer is
 # served without being cached (see Publisher.cached_response).
 SIGN_ATTEMPTS = 3
+# Signed `unknown` answers (serials this CA never issued) per source and minute; then `unauthorized`.
+UNKNOWN_PER_MINUTE = 60
 
 
 @dataclass(frozen=True)
@@ -51,22 +55,54 @@ class _Recorder:
     """The cache handed to Authority.ocsp for one request: notes which cache entry that
     request's bytes resolved to, so the same bytes next time skip parsing and the issuer check."""
 
-    __slots__ = ("_publisher", "request", "key", "item")
+    __slots__ = ("_publisher", "request", "key", "item", "source")
 
-    def __init__(self, publisher: "Publisher", request_der: bytes) -> None:
-        self._publisher, self.request, self.key = publisher, request_der, None
+    def __init__(self, publisher: "Publisher", request_der: bytes, source: str | None) -> None:
+        self._publisher, self.request, self.key, self.source = publisher, request_der, None, source
         self.item: Published | None = None
 
     async def cached(self, serial: int, algorithm: hashes.HashAlgorithm | None = None) -> bytes:
         algorithm = algorithm or hashes.SHA1()
+        try:
+            self.item = await self._publisher.cached_response(serial, algorithm, source=self.source)
+        except _NotOurs as unknown:   # a serial this CA never issued: nothing of it is kept
+            return unknown.der
         self.key = (serial, algorithm.name)
-        self.item = await self._publisher.cached_response(serial, algorithm)
         return self.item.der
+
+
+class _NotOurs(Exception):
+    """cached_response for a serial this CA never issued: its answer, which nothing keeps."""
+
+    def __init__(self, der: bytes) -> None:
+        self.der = der
+
+
+class _PerMinute:
+    """At most `limit` events per key in any minute; bounded memory (the oldest keys go first)."""
+
+    def __init__(self, limit: int, max_keys: int = 10_000) -> None:
+        self._limit, self._max_keys = limit, max_keys
+        self._times: OrderedDict[str, deque] = OrderedDict()
+
+    def allow(self, key: str, now: datetime) -> bool:
+        times = self._times.get(key)
+        if times is None:
+            if len(self._times) >= self._max_keys:
+                self._times.popitem(last=False)
+            times = self._times[key] = deque()
+        while times and times[0] <= now - timedelta(minutes=1):
+            times.popleft()
+        if len(times) >= self._limit:
+            return False
+        times.append(now)
+        return True
 
 
 class Publisher:
     def __init__(self, authority: Authority, *, cache_size: int, poll: timedelta) -> None:
         self._authority = authority
+        self._unknown_counter = _PerMinute(UNKNOWN_PER_MINUTE)
         self._cache: OrderedDict[tuple[int, str], Published] = OrderedDict()
         # exact request bytes (no nonce, this issuer) -> their key in _cache; the bytes decide
         # the serial and hash algorithm, so the mapping never goes stale, only the response does
@@ -154,16 +190,17 @@ class Publisher:
         """Answer one DER OCSP request; nonce requests are signed fresh, others come from the cache."""
         return (await self.answer(request_der))[0]
 
-    async def answer(self, request_der: bytes) -> tuple[bytes, Published | None]:
+    async def answer(self, request_der: bytes, source: str | None = None) -> tuple[bytes, Published | None]:
         """The DER answer and, when it came from the cache (no nonce), its Published entry:
-        what an HTTP cache may be told about it, without parsing the response again."""
+        what an HTTP cache may be told about it, without parsing the response again. `source`
+        (the client address) bounds the signed answers for serials this CA never issued."""
         key = self._requests.get(request_der)
         if key is not None:
             item = self._cache.get(key)
             if item is not None and not self._stale(item):
                 self._cache.move_to_end(key)
                 return item.der, item
-        recorder = _Recorder(self, bytes(request_der))
+        recorder = _Recorder(self, bytes(request_der), source)
         der = await self._authority.ocsp(request_der, cache=recorder)
         if recorder.key is None:
             return der, None   # signed afresh (nonce) or an error response: nothing to reuse
@@ -173,9 +210,13 @@ class Publisher:
         return der, recorder.item   # exactly the answer given, cached or not (see cached_response)
 
     async def cached(self, serial: int, algorithm: hashes.HashAlgorithm | None = None) -> bytes:
-        return (await self.cached_response(serial, algorithm)).der
+        try:
+            return (await self.cached_response(serial, algorithm)).der
+        except _NotOurs as unknown:
+            return unknown.der
 
-    async def cached_response(self, serial: int, algorithm: hashes.HashAlgorithm | None = None) -> Published:
+    async def cached_response(self, serial: int, algorithm: hashes.HashAlgorithm | None = None, *,
+                              source: str | None = None) -> Published:
         algorithm = algorithm or hashes.SHA1()
         key = (serial, algorithm.name)
         item = self._cache.get(key)
@@ -185,18 +226,34 @@ class Publisher:
         if item is not None and not self._stale(item):
             self._cache.move_to_end(key)
             return item
-        for _ in range(SIGN_ATTEMPTS):
-            # A status change committed after ocsp_signed() read the status, and applied by the
-            # follower before the insert, would otherwise leave the old status cached (nothing
-            # left to pop) and served until half its validity. Keep the answer only if no change
-            # was applied meanwhile (see "Versioning" above); else sign again from a fresh read.
-            seen = self._seen
-            item = Published(*await self._authority.ocsp_signed(serial, hash_algorithm=algorithm))
+        seen = self._seen
+        answer = await self._authority.ocsp_answer(serial)
+        if answer.status is None:
+            raise _NotOurs(await self._unknown(serial, algorithm, source))
+        for attempt in range(SIGN_ATTEMPTS):
+            # A status change committed after the status was read, and applied by the follower
+            # before the insert, would otherwise leave the old status cached (nothing left to
+            # pop) and served until half its validity. Keep the answer only if no change was
+            # applied meanwhile (see "Versioning" above); else sign again from a fresh read.
+            if attempt:
+                seen, answer = self._seen, None
+            item = Published(*await self._authority.ocsp_signed(serial, hash_algorithm=algorithm, answer=answer))
             if self._keep(key, item, seen):
                 return item
         # overtaken every time (a burst of changes): answer from the latest read, keep nothing
         log.debug("OCSP response for serial %x not cached: status changes kept arriving", serial)
         return item
+
+    async def _unknown(self, serial: int, algorithm: hashes.HashAlgorithm, source: str | None) -> bytes:
+        """A serial this CA never issued: a signed `unknown` (RFC 6960 2.2) for the first
+        UNKNOWN_PER_MINUTE such requests of a source each minute, then the unsigned `unauthorized`
+        (RFC 5019 2.2.3) that costs no signature; never cached, so a flood of random serials
+        neither signs without bound nor pushes real answers out of the cache."""
+        if not self._unknown_counter.allow(source or "unknown", self._authority.now()):
+            log.info("OCSP for serials never issued: over %d a minute from %s; answering unauthorized",
+                     UNKNOWN_PER_MINUTE, source)
+            return ocsp_error(x509_ocsp.OCSPResponseStatus.UNAUTHORIZED)
+        return (await self._authority.ocsp_signed(serial, answer=OCSPAnswer(None), hash_algorithm=algorithm))[0]
 
     async def issued(self, issued: Issued, seen: int) -> bytes:
         """The OCSP response (SHA-1 CertID) to hand out with a certificate. One just issued is good

@@ -10,8 +10,9 @@ from ca import ocsp as ocsp_mod
 from ca.codec import b64decode_strict
 from ca.errors import BadRequestError
 
+from .identity import client_source
 from .publication import Published
-from .state import AUTHORITY, PUBLISHER
+from .state import AUTHORITY, CONFIG, PUBLISHER
 
 CT_OCSP_REQUEST = "application/ocsp-request"
 CT_OCSP_RESPONSE = "application/ocsp-response"
@@ -30,7 +31,7 @@ async def ocsp_post(request: web.Request) -> web.Response:
     if len(body) > MAX_OCSP_REQUEST:
         return web.Response(status=413, text=f"OCSP request over the {MAX_OCSP_REQUEST}-byte limit\n",
                             content_type="text/plain")
-    return _ocsp_answer((await request.app[PUBLISHER].answer(body))[0])
+    return _ocsp_answer((await request.app[PUBLISHER].answer(body, client_source(request, request.app[CONFIG])))[0])
 
 
 async def ocsp_get(request: web.Request) -> web.Response:
@@ -40,7 +41,7 @@ async def ocsp_get(request: web.Request) -> web.Response:
         der = b64decode_strict(encoded, "OCSP request")
     except BadRequestError:
         return _ocsp_answer(ocsp_mod.error_response(x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST))
-    answer, published = await request.app[PUBLISHER].answer(der)
+    answer, published = await request.app[PUBLISHER].answer(der, client_source(request, request.app[CONFIG]))
     if published is None:
         # not from the cache (a nonce, or an error): cacheable only if it says so itself
         try:

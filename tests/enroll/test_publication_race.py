@@ -264,3 +264,30 @@ async def test_a_repeated_request_gets_the_status_it_has_now(authority, publishe
     again = await authority.enroll("pump-1", make_csr()[0], TokenAuth("spent"), request_id="r1")
     assert again.serial == issued.serial and not again.new
     assert status(await publisher.issued(again, seen)) is REVOKED
+
+
+def _request_for(authority, serial: int) -> bytes:
+    from ca.ocsp import issuer_hashes
+    name_hash, key_hash = issuer_hashes(authority.issuer.certificate, hashes.SHA1())
+    return x509_ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+        name_hash, key_hash, serial, hashes.SHA1()).build().public_bytes(serialization.Encoding.DER)
+
+
+async def test_serials_never_issued_are_signed_within_a_limit_per_source_and_never_cached(authority, monkeypatch):
+    limit = publication.UNKNOWN_PER_MINUTE
+    cert = await issue(authority, "pump-1")
+    publisher = Publisher(authority, cache_size=3, poll=timedelta(seconds=3600))
+    await publisher.start()
+    real = await publisher.answer(ocsp_request(authority, cert), "198.51.100.1")
+    signings = Counter(monkeypatch, authority, "ocsp_signed")
+    for n in range(limit):
+        der, published = await publisher.answer(_request_for(authority, 0x7000 + n), "198.51.100.1")
+        assert published is None and status(der) is x509_ocsp.OCSPCertStatus.UNKNOWN
+    assert signings.calls == limit
+    over = x509_ocsp.load_der_ocsp_response((await publisher.answer(_request_for(authority, 0x6FFF), "198.51.100.1"))[0])
+    assert over.response_status is x509_ocsp.OCSPResponseStatus.UNAUTHORIZED and signings.calls == limit   # unsigned
+    other = (await publisher.answer(_request_for(authority, 0x6FFF), "203.0.113.2"))[0]
+    assert status(other) is x509_ocsp.OCSPCertStatus.UNKNOWN   # another source has its own allowance
+    # the flood pushed nothing out: the real answer is served from the cache, not signed again
+    again = await publisher.answer(ocsp_request(authority, cert), "198.51.100.1")
+    assert again[0] == real[0] and signings.calls == limit + 1
