@@ -105,8 +105,17 @@ class DynsecBroker:
         return password
 
     def disabled(self, username: str) -> bool:
-        """What the plugin saved (it writes its JSON after every change)."""
-        clients = json.loads(self.dynsec_json.read_text())["clients"]
+        """What the plugin saved (it writes its JSON after every change, in place: a read may
+        catch the file empty or half written, and is then tried again)."""
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                clients = json.loads(self.dynsec_json.read_text())["clients"]
+                break
+            except ValueError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         (client,) = [c for c in clients if c["username"] == username]
         return bool(client.get("disabled", False))
 
