@@ -26,9 +26,9 @@ from cryptography import x509
 
 from common.ids import check_id
 
-from . import policy, status
-from .errors import (CAError, ConflictError, NotFoundError, PolicyViolationError, RevokedError, TokenExpiredError,
-                     TokenUsedError, UnauthorizedError)
+from . import failures, policy, status
+from .errors import (CAError, ConflictError, NotAcceptedError, NotFoundError, PolicyViolationError, RateLimitedError,
+                     RevokedError, TokenExpiredError, TokenUsedError, UnauthorizedError)
 from .issuance import proven_key, service_names
 from .model import (AuditEvent, CertStatus, Gateway, GatewayStatus, Issued, RevocationReason,
                     serial_hex)
@@ -76,8 +76,11 @@ async def register(authority: "Authority", name: str, *, actor: str) -> GatewayT
     return GatewayToken(name, secret, expires)
 
 
-async def enroll(authority: "Authority", name: str, secret: str, csr: x509.CertificateSigningRequest) -> Issued:
-    """The gateway's first RA certificate, for the key of `csr`, against its one-time token."""
+async def enroll(authority: "Authority", name: str, secret: str, csr: x509.CertificateSigningRequest,
+                 source: str | None = None) -> Issued:
+    """The gateway's first RA certificate, for the key of `csr`, against its one-time token.
+    `source`: the caller's address; failed guesses are counted per name and source and per
+    source (ca/failures.py), not audited one by one."""
     check_name(name)
     now = authority.now()
     who = f"gateway:{name}"
@@ -85,6 +88,7 @@ async def enroll(authority: "Authority", name: str, secret: str, csr: x509.Certi
         key = proven_key(csr)
         policy.key_allowed(key, authority.config.profile(PROFILE))
         async with authority.store.write() as tx:
+            await failures.check(tx, failures.keys(who, source), now, authority.source_failure_limit)
             gateway = await tx.get_gateway(name)
             _check_token(gateway, name, secret, now)
             subject, sans = identity(name, authority.config.trust_domain)
@@ -94,6 +98,13 @@ async def enroll(authority: "Authority", name: str, secret: str, csr: x509.Certi
                 raise UnauthorizedError(f"gateway {name} enrolled meanwhile; its token is spent")
             await tx.append_audit(AuditEvent("gateway_enrolled", who, serial=issued.serial,
                                              detail={"gateway": name}), now)
+    except (NotAcceptedError, RateLimitedError) as exc:   # anonymous: counted, audited per source and window
+        if isinstance(exc, NotAcceptedError):
+            async with authority.store.write() as tx:
+                await failures.record(tx, failures.keys(who, source), now)
+        log.info("anonymous gateway enrollment refused gateway=%s source=%s: %s", name, source,
+                 getattr(exc, "why", exc.message))
+        raise
     except CAError as exc:
         async with authority.store.write() as tx:
             await tx.append_audit(AuditEvent("gateway_enroll_refused", who,
@@ -106,19 +117,18 @@ async def enroll(authority: "Authority", name: str, secret: str, csr: x509.Certi
 
 
 def _check_token(gateway: Gateway | None, name: str, secret: str, now: datetime) -> None:
-    # one answer for an unknown name and a wrong token: a stranger learns nothing of which names exist
+    # one answer for an unknown name and a wrong token, whatever the gateway's state: a stranger
+    # learns nothing of which names exist or have enrolled; the token's holder hears the rest
     offered = token_digest(secret)
     stored = gateway.token_digest if gateway is not None and gateway.token_digest else b"\0" * len(offered)
-    matches = hmac.compare_digest(stored, offered)
-    if gateway is None or gateway.status is GatewayStatus.REVOKED:
-        if gateway is not None and matches:
-            raise RevokedError(f"gateway {name} is revoked")
-        raise UnauthorizedError(f"gateway enrollment token for {name} does not match")
+    if not hmac.compare_digest(stored, offered) or gateway is None:
+        raise NotAcceptedError(f"gateway enrollment token for {name} does not match"
+                               if gateway is not None else f"no gateway {name} is registered", NotAcceptedError.GATEWAY)
+    if gateway.status is GatewayStatus.REVOKED:
+        raise RevokedError(f"gateway {name} is revoked")
     if gateway.status is GatewayStatus.ACTIVE:
         raise TokenUsedError(f"gateway {name} has already enrolled; its token is spent (renewal goes over "
                              "the RA API; a new gateway needs a new name)")
-    if not matches:
-        raise UnauthorizedError(f"gateway enrollment token for {name} does not match")
     if gateway.token_expires_at is not None and gateway.token_expires_at <= now:
         raise TokenExpiredError(f"gateway enrollment token for {name} expired; revoke it and add a new gateway")
 

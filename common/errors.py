@@ -43,9 +43,10 @@ class NotAcceptedError(UnauthorizedError):
     reason, for the server's own log and counters only."""
 
     GENERIC = "device id or enrollment token not accepted"
+    GATEWAY = "gateway name or enrollment token not accepted"
 
-    def __init__(self, why: str) -> None:
-        super().__init__(self.GENERIC)
+    def __init__(self, why: str, message: str = GENERIC) -> None:
+        super().__init__(message)
         self.why = why
 
 

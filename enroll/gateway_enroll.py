@@ -14,7 +14,8 @@ from ca import gateways
 from ca.codec import b64decode_strict, load_csr
 
 from .ra import issued_json, read_json, string_field
-from .state import AUTHORITY
+from .identity import client_source
+from .state import AUTHORITY, CONFIG
 
 PATH = "/iomt/v1/gateways/{name}/enroll"
 
@@ -23,7 +24,8 @@ async def enroll(request: web.Request) -> web.Response:
     name = gateways.check_name(request.match_info["name"])
     body = await read_json(request)
     csr = load_csr(b64decode_strict(string_field(body, "csr"), "csr"))
-    issued = await gateways.enroll(request.app[AUTHORITY], name, string_field(body, "token"), csr)
+    issued = await gateways.enroll(request.app[AUTHORITY], name, string_field(body, "token"), csr,
+                                   source=client_source(request, request.app[CONFIG]))
     return issued_json(issued)
 
 

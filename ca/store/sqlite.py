@@ -279,9 +279,10 @@ class SQLiteTx(FailureQueries):
         return [_gateway(r) for r in await self._all(_GATEWAY_SELECT + " ORDER BY g.name")]
 
     async def gateway_enrolled(self, name, at) -> bool:
-        # the token is spent: single use, like a device's
+        # the token is spent (single use, like a device's); its digest stays, so that only the holder
+        # of that token hears "already enrolled" and a stranger's guess is refused like any other
         cur = await self._c.execute(
-            "UPDATE gateways SET status = 'active', token_digest = NULL, token_expires_at = NULL, enrolled_at = ? "
+            "UPDATE gateways SET status = 'active', token_expires_at = NULL, enrolled_at = ? "
             "WHERE name = ? AND status = 'registered'", (_ts(at), name))
         return cur.rowcount == 1
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from datetime import timedelta
+
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ca import gateways
 from ca.authority import Authority
-from ca.errors import (BadRequestError, KeyPolicyError, PolicyViolationError, RevokedError, TokenExpiredError, TokenUsedError,
+from ca.errors import (BadRequestError, KeyPolicyError, NotAcceptedError, PolicyViolationError, RevokedError, TokenExpiredError, TokenUsedError,
                        UnauthorizedError)
 from ca.model import CertStatus, GatewayStatus, RevocationReason
 from tests.conftest import make_csr
@@ -25,7 +27,7 @@ async def test_register_enroll_check_revoke(ca_home, clock):
         assert issued.profile == "gateway" and issued.certificate.subject.rfc4514_string() == "CN=gw-a"
         assert (await gateways.active_gateway(authority, issued.serial)).name == "gw-a"
         (row,) = await gateways.list_gateways(authority)
-        assert row.status is GatewayStatus.ACTIVE and row.serial == issued.serial and row.token_digest is None
+        assert row.status is GatewayStatus.ACTIVE and row.serial == issued.serial and row.token_digest is not None   # kept, spent
         with pytest.raises(TokenUsedError):
             await gateways.enroll(authority, "gw-a", token.secret, make_csr()[0])
         revoked = await gateways.revoke(authority, "gw-a", actor="operator:test",
@@ -52,11 +54,11 @@ async def test_refusals_spend_nothing_and_say_little(ca_home, clock):
     async with await Authority.open(ca_home, clock=clock) as authority:
         token = await gateways.register(authority, "gw-c", actor="operator:test")
         before = len(await authority.certificates())
-        with pytest.raises(UnauthorizedError, match="does not match") as wrong:
+        with pytest.raises(NotAcceptedError, match="not accepted") as wrong:
             await gateways.enroll(authority, "gw-c", "not-the-token", make_csr()[0])
-        with pytest.raises(UnauthorizedError, match="does not match") as unknown:
+        with pytest.raises(NotAcceptedError, match="not accepted") as unknown:
             await gateways.enroll(authority, "gw-nobody", token.secret, make_csr()[0])
-        assert type(wrong.value) is type(unknown.value)
+        assert (type(wrong.value), wrong.value.message) == (type(unknown.value), unknown.value.message)
         weak = make_csr(rsa.generate_private_key(public_exponent=65537, key_size=1024))[0]
         with pytest.raises(KeyPolicyError):
             await gateways.enroll(authority, "gw-c", token.secret, weak)
@@ -67,7 +69,23 @@ async def test_refusals_spend_nothing_and_say_little(ca_home, clock):
             await gateways.enroll(authority, "gw-c", token.secret, make_csr()[0])
         async with authority.store.read() as tx:
             refused = [r for r in await tx.audit_rows() if r.action == "gateway_enroll_refused"]
-        assert len(refused) == 4 and all(r.actor in ("gateway:gw-c", "gateway:gw-nobody") for r in refused)
+            guesses = await tx.count_failures("source", "unknown", clock() - timedelta(days=30))
+        # the token's holder's refusals are audited one by one; the two guesses are counted instead
+        assert len(refused) == 2 and all(r.actor == "gateway:gw-c" for r in refused)
+        assert guesses == 2
+
+
+async def test_an_enrolled_gateway_name_is_not_told_to_a_stranger(ca_home, clock):
+    async with await Authority.open(ca_home, clock=clock) as authority:
+        token = await gateways.register(authority, "gw-e", actor="operator:test")
+        await gateways.enroll(authority, "gw-e", token.secret, make_csr()[0])
+        with pytest.raises(NotAcceptedError) as stranger:
+            await gateways.enroll(authority, "gw-e", "a-guess", make_csr()[0])
+        with pytest.raises(NotAcceptedError) as nobody:
+            await gateways.enroll(authority, "gw-never", "a-guess", make_csr()[0])
+        assert stranger.value.message == nobody.value.message
+        with pytest.raises(TokenUsedError, match="already enrolled"):   # the token's holder is told
+            await gateways.enroll(authority, "gw-e", token.secret, make_csr()[0])
 
 
 async def test_one_token_one_certificate_under_concurrency(ca_home, clock):

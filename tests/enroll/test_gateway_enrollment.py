@@ -93,19 +93,20 @@ def test_tokens_are_single_use_and_strangers_learn_nothing(srv, tmp_path):
     wrong = init(srv, tmp_path / "wrong", "ward-3-gw", "x" * 32, check=False)
     unknown = init(srv, tmp_path / "unknown", "no-such-gw", added["token"], check=False)
     assert wrong.returncode == unknown.returncode == 1
-    assert "does not match" in wrong.stderr and "does not match" in unknown.stderr
+    assert "not accepted" in wrong.stderr and wrong.stderr.count("not accepted") == unknown.stderr.count("not accepted")
     assert not (tmp_path / "wrong" / "gateway.toml").exists()
     assert listed(ca)["ward-3-gw"]["status"] == "registered"   # a wrong guess spends nothing
     init(srv, tmp_path / "gw", "ward-3-gw", added["token"])
     again = init(srv, tmp_path / "again", "ward-3-gw", added["token"], check=False)
     assert again.returncode == 1 and "already enrolled" in again.stderr
-    # refused enrollments are audited
+    # the token holder's refusal is audited; the two guesses are counted (ca/failures.py), not audited
     db = sqlite3.connect(f"file:{ca.home / 'iomtca.db'}?mode=ro", uri=True)
     try:
         refused = db.execute("SELECT COUNT(*) FROM audit_log WHERE action = 'gateway_enroll_refused'").fetchone()[0]
+        guesses = db.execute("SELECT COALESCE(SUM(count), 0) FROM auth_failures WHERE scope = 'source'").fetchone()[0]
     finally:
         db.close()
-    assert refused >= 3
+    assert refused >= 1 and guesses >= 2
     # a name is registered once
     dup = ca.iomtca("gateway", "add", "ward-3-gw", check=False)
     assert dup.returncode == 1 and "already registered" in dup.stderr
