@@ -304,11 +304,7 @@ class Authority(Publication):
         unknown id, a locked source), which is counted (ca/failures.py) and audited per source
         and window by `audit_anonymous_failures`."""
         if isinstance(credential, TokenAuth) and isinstance(exc, (NotAcceptedError, RateLimitedError)):
-            if isinstance(exc, NotAcceptedError):
-                async with self.store.write() as tx:
-                    await failures.record(tx, failures.keys(device_id, credential.source), now)
-            log.info("anonymous enrollment refused device=%s source=%s: %s", device_id, credential.source,
-                     getattr(exc, "why", exc.message))
+            await failures.refused(self.store, failures.keys(device_id, credential.source), now, exc, "enrollment")
             return
         await self._audit_refusal(now, who, device_id, exc)
 

@@ -18,11 +18,14 @@ source and ended window, with the count and the device ids named most often.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from .errors import RateLimitedError
+from .errors import NotAcceptedError, RateLimitedError
 from .model import AuditEvent
+
+log = logging.getLogger(__name__)
 
 WINDOW = timedelta(minutes=15)
 DEVICE_SOURCE_LIMIT = 5
@@ -83,3 +86,12 @@ async def audit_windows(tx, now: datetime) -> int:
         await tx.mark_failures_audited("source", source, start)
     await tx.forget_failures(ended - KEEP)
     return len(rows)
+
+
+async def refused(store, k: Keys, now: datetime, exc, what: str) -> None:
+    """An anonymous refusal (NotAcceptedError counted, RateLimitedError only logged): the one
+    handling device-token and gateway-token logins share, instead of an audit row per probe."""
+    if isinstance(exc, NotAcceptedError):
+        async with store.write() as tx:
+            await record(tx, k, now)
+    log.info("anonymous %s refused key=%s: %s", what, k.device_source, getattr(exc, "why", exc.message))

@@ -99,11 +99,7 @@ async def enroll(authority: "Authority", name: str, secret: str, csr: x509.Certi
             await tx.append_audit(AuditEvent("gateway_enrolled", who, serial=issued.serial,
                                              detail={"gateway": name}), now)
     except (NotAcceptedError, RateLimitedError) as exc:   # anonymous: counted, audited per source and window
-        if isinstance(exc, NotAcceptedError):
-            async with authority.store.write() as tx:
-                await failures.record(tx, failures.keys(who, source), now)
-        log.info("anonymous gateway enrollment refused gateway=%s source=%s: %s", name, source,
-                 getattr(exc, "why", exc.message))
+        await failures.refused(authority.store, failures.keys(who, source), now, exc, "gateway enrollment")
         raise
     except CAError as exc:
         async with authority.store.write() as tx:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.common import free_port
+
 from .seeds import seeds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,13 +42,6 @@ DEVICES = 40
 def _run(*args: str, input: str | None = None) -> str:
     return subprocess.run([IOMTCA, *args], check=True, capture_output=True, text=True, timeout=120,
                           input=input).stdout
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Mutator:
@@ -113,7 +108,7 @@ class Fleet:
         rows = [line.split(",") for line in tokens.read_text().splitlines()[1:]]
         self.tokens = {row[0]: row[1] for row in rows}
         assert len(self.tokens) == DEVICES, tokens.read_text()[:500]
-        self.est_port, self.http_port = _free_port(), _free_port()
+        self.est_port, self.http_port = free_port(), free_port()
         self.log_path = work / "serve.log"
 
     def start(self) -> subprocess.Popen:
