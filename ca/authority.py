@@ -15,7 +15,7 @@ from typing import Callable
 
 from cryptography import x509
 
-from . import attendance, failures, idevid, proof, status
+from . import approvals, attendance, failures, idevid, proof, status
 from . import policy
 from .codec import cert_der
 from .config import CAConfig, CAPaths, load_config
@@ -98,11 +98,14 @@ class Authority(Publication):
         raise CAError("could not draw an unused serial number; the serial source is broken")
 
     async def enroll(self, device_id: str, csr: x509.CertificateSigningRequest, credential: Credential,
-                     *, profile: str = "device", request_id: str | None = None) -> Issued:
+                     *, profile: str = "device", request_id: str | None = None,
+                     approval_csr: x509.CertificateSigningRequest | None = None) -> Issued:
         """First enrollment: a token, an IDevID or an operator vouches for `csr`.
 
         `request_id` (from a relay such as the MQTT gateway) makes the call idempotent: the same
         (device, request id) again returns the certificate it produced the first time.
+        `approval_csr` (serverkeygen, RFC 7030 4.4): the client's own request CSR, whose proven key
+        an approval binds, because the key in `csr` is made anew by the server on every attempt.
         """
         if isinstance(credential, CertificateAuth):
             return await self.renew(device_id, csr, credential, request_id=request_id)
@@ -112,6 +115,7 @@ class Authority(Publication):
         try:
             # outside the write lock: other issuances commit meanwhile
             key = proven_key(csr)
+            bound = key if approval_csr is None else proven_key(approval_csr)   # what an approval names
             async with self.store.write() as tx:
                 if (earlier := await self._earlier_result(tx, device_id, request_id)) is not None:
                     return earlier
@@ -125,7 +129,7 @@ class Authority(Publication):
                 if isinstance(credential, IDevIDAuth):
                     idevid.check(device, credential)
                 if not isinstance(credential, OperatorAuth):
-                    await self._approval(tx, device, now, who)
+                    await self._approval(tx, csr, key, bound, device, profile)
                 issued = await self._issue(tx, csr, device, profile, now, who, "certificate_issued", key=key)
                 if request_id is not None:
                     await tx.record_request_result(device_id, request_id, issued.serial, now)
@@ -133,9 +137,9 @@ class Authority(Publication):
                     await tx.mark_token_used(token.id, now)
                 if not isinstance(credential, OperatorAuth):
                     await tx.record_proven_contact(device_id, now)   # the device itself was here
-                await tx.clear_approval(device_id)
+                await tx.clear_approval(device_id)   # an approval is used once (ca/approvals.py)
         except PendingApprovalError:
-            await self._record_pending(device_id, now, who)
+            await self._record_pending(device_id, bound, credential, now, who)
             raise
         except CAError as exc:
             await self._refused(now, who, device_id, credential, exc)
@@ -275,7 +279,8 @@ class Authority(Publication):
     async def device_for_idevid(self, credential: IDevIDAuth) -> str:
         """The registered device an IDevID names: its subject serialNumber is the device's serial number."""
         async with self.store.read() as tx:
-            return idevid.device_for(await tx.list_devices(), credential)
+            candidates = await tx.devices_with_serial(idevid.serial_of(credential.certificate))
+        return idevid.device_for(candidates, credential)
 
     async def _device(self, tx: Tx, device_id: str) -> Device:
         device = await tx.get_device(device_id)
@@ -313,22 +318,21 @@ class Authority(Publication):
         async with self.store.write() as tx:
             return await failures.audit_windows(tx, self._clock())
 
-    async def _approval(self, tx: Tx, device: Device, now: datetime, who: str) -> None:
-        """First enrollments of configured device classes wait for `iomtca device approve`."""
+    async def _approval(self, tx: Tx, csr: x509.CertificateSigningRequest, key, bound, device: Device,
+                        profile: str) -> None:
+        """First enrollments of configured device classes wait for `iomtca device approve` of the
+        key `bound` (ca/approvals.py). A CSR the CA would refuse anyway is refused now, not put
+        before an engineer; recorded by _record_pending, as this transaction rolls back."""
         if not self.config.approval.required(device):
             return
-        state = await tx.get_approval(device.id)
-        if state is not None and state[1] is not None:
-            return
-        # recorded by _record_pending: this transaction rolls back with the exception
-        raise PendingApprovalError(f"enrollment of device {device.id} waits for approval "
-                                   f"(iomtca device approve {device.id})", retry_after=60)
+        policy.key_allowed(key, self.config.profile(profile))
+        policy.csr_names_this_device(csr, device, self.config.trust_domain)
+        await approvals.check(tx, device.id, bound)
 
-    async def _record_pending(self, device_id: str, now: datetime, who: str) -> None:
+    async def _record_pending(self, device_id: str, key, credential: Credential, now: datetime, who: str) -> None:
+        source = credential.source if isinstance(credential, TokenAuth) else None
         async with self.store.write() as tx:
-            if await tx.get_approval(device_id) is None:
-                await tx.request_approval(device_id, now)
-                await tx.append_audit(AuditEvent("enroll_pending_approval", who, device_id=device_id), now)
+            await approvals.record(tx, device_id, key, source, now, who)
 
     async def _issue(self, tx: Tx, csr: x509.CertificateSigningRequest, device: Device, profile: str,
                      now: datetime, who: str, action: str, renews: int | None = None, key=None) -> Issued:
@@ -444,6 +448,7 @@ class Authority(Publication):
                     await status.revoke(tx, record, RevocationReason.cessationOfOperation, now)
                     revoked.append(record.serial)
             burned = await tx.burn_tokens(device_id, now)
+            await tx.clear_approval(device_id)
             await tx.set_device_status(device_id, DeviceStatus.DECOMMISSIONED)
             await tx.append_audit(AuditEvent(
                 "device_decommissioned", actor, device_id=device_id,
@@ -451,18 +456,27 @@ class Authority(Publication):
         log.info("decommissioned device=%s revoked=%d", device_id, len(revoked))
         return revoked
 
-    async def approve(self, device_id: str, *, actor: str) -> None:
-        """Let a device's waiting (or next) first enrollment through."""
+    async def approve(self, device_id: str, fingerprint: str | None = None, *,
+                      actor: str) -> approvals.ApprovalRequest:
+        """Let the first enrollment of a device with one waiting key through: the key with this
+        fingerprint (hex, any case, colons allowed), or, without one, the only key waiting."""
         now = self._clock()
         async with self.store.write() as tx:
             device = await self._device(tx, device_id)
             policy.device_active(device)
-            await tx.approve(device_id, now, actor)
-            await tx.append_audit(AuditEvent("enroll_approved", actor, device_id=device_id), now)
+            return await approvals.approve(tx, device_id, fingerprint, now, actor)
 
-    async def pending_approvals(self) -> list[tuple[str, datetime]]:
+    async def reject_approval(self, device_id: str, fingerprint: str | None = None, *,
+                              actor: str) -> list[approvals.ApprovalRequest]:
+        """Drop a device's waiting requests (all, or the one of this key)."""
+        now = self._clock()
+        async with self.store.write() as tx:
+            await self._device(tx, device_id)
+            return await approvals.reject(tx, device_id, fingerprint, now, actor)
+
+    async def pending_approvals(self, device_id: str | None = None) -> list[approvals.ApprovalRequest]:
         async with self.store.read() as tx:
-            return await tx.pending_approvals()
+            return await tx.pending_approvals(device_id)
 
     async def record_presence(self, device_id: str, *, online: bool) -> None:
         """An unsigned presence message (MQTT): kept as "reported online/offline", shown as

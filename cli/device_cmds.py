@@ -8,6 +8,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from ca.approvals import ApprovalRequest
 from ca.authority import Authority, operator
 from ca.errors import BadRequestError
 from ca.keystore import write_atomic
@@ -75,13 +76,24 @@ def add_parsers(sub, common) -> None:
     p.set_defaults(func=token)
 
     p = dsub.add_parser("approve", parents=[common],
-                        help="let a device's first enrollment through (devices of classes in [ca.approval])")
+                        help="let a device's first enrollment with one waiting key through ([ca.approval])")
     p.add_argument("device_id", metavar="ID")
+    p.add_argument("--fingerprint", metavar="FP",
+                   help="the key's SHA-256 fingerprint as `device pending` shows it (hex, colons optional); "
+                        "needed when several keys wait")
     p.set_defaults(func=approve)
 
-    p = dsub.add_parser("pending", parents=[common], help="list enrollments waiting for approval")
+    p = dsub.add_parser("pending", parents=[common],
+                        help="list enrollments waiting for approval: key type, fingerprint, source, time")
+    p.add_argument("device_id", metavar="ID", nargs="?", help="only this device")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=pending)
+
+    p = dsub.add_parser("reject", parents=[common],
+                        help="drop a device's waiting enrollment requests (all, or one key's)")
+    p.add_argument("device_id", metavar="ID")
+    p.add_argument("--fingerprint", metavar="FP", help="only the request of this key")
+    p.set_defaults(func=reject)
 
     p = dsub.add_parser("decommission", parents=[common],
                         help="retire a device: revoke its certificates (cessationOfOperation), burn its tokens")
@@ -296,16 +308,36 @@ async def decommission(args) -> int:
 
 async def approve(args) -> int:
     async with await Authority.open(args.dir) as authority:
-        await authority.approve(args.device_id, actor=f"operator:{operator().name}")
-    print(f"approved: the next enrollment of device {args.device_id} gets its certificate")
+        approved = await authority.approve(args.device_id, args.fingerprint, actor=f"operator:{operator().name}")
+    print(f"approved key {approved.key_type} {approved.fingerprint} of device {approved.device_id} "
+          f"(from {approved.source or '-'}, first seen {to_rfc3339(approved.requested_at)})")
+    print("its next enrollment with this key gets its certificate; any other key waits again")
     return 0
+
+
+def _approval_json(r: ApprovalRequest) -> dict:
+    return {"device_id": r.device_id, "key_type": r.key_type, "fingerprint": r.fingerprint, "source": r.source,
+            "requested_at": to_rfc3339(r.requested_at), "last_seen_at": to_rfc3339(r.last_seen_at),
+            "state": "approved" if r.approved else "waiting",
+            "approved_at": _ts(r.approved_at), "approved_by": r.approved_by}
 
 
 async def pending(args) -> int:
     async with await Authority.open(args.dir) as authority:
-        rows = [{"device_id": d, "requested_at": to_rfc3339(at)} for d, at in await authority.pending_approvals()]
+        rows = [_approval_json(r) for r in await authority.pending_approvals(args.device_id)]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print_table(rows, ["device_id", "requested_at"])
+        print_table(rows, ["device_id", "key_type", "fingerprint", "source", "requested_at", "last_seen_at",
+                           "state"])
+    return 0
+
+
+async def reject(args) -> int:
+    async with await Authority.open(args.dir) as authority:
+        dropped = await authority.reject_approval(args.device_id, args.fingerprint,
+                                                  actor=f"operator:{operator().name}")
+    print(f"dropped {len(dropped)} waiting request(s) of device {args.device_id}; a key that asks again waits again")
+    for r in dropped:
+        print(f"  {r.describe()}")
     return 0

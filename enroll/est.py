@@ -79,12 +79,15 @@ async def _enroll_identity(request: web.Request):
                             "or a client certificate from a trusted manufacturer")
 
 
-async def _issue(request: web.Request, csr: x509.CertificateSigningRequest, profile: str, identity=None):
+async def _issue(request: web.Request, csr: x509.CertificateSigningRequest, profile: str, identity=None,
+                 approval_csr: x509.CertificateSigningRequest | None = None):
+    """`approval_csr`: serverkeygen's request CSR, whose key an operator's approval names (the
+    server-made key is new on every attempt)."""
     authority = request.app[AUTHORITY]
     device_id, credential = identity or await _enroll_identity(request)
     if isinstance(credential, CertificateAuth):
         return await authority.renew(device_id, csr, credential)
-    return await authority.enroll(device_id, csr, credential, profile=profile)
+    return await authority.enroll(device_id, csr, credential, profile=profile, approval_csr=approval_csr)
 
 
 async def cacerts(request: web.Request) -> web.Response:
@@ -152,7 +155,7 @@ async def serverkeygen(request: web.Request) -> web.Response:
     # a CSR signed with the new key, so issuance runs its usual proof-of-possession check
     csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
            .sign(key, None if key_type == "ed25519" else hashes.SHA256()))
-    issued = await _issue(request, csr, profile, identity)
+    issued = await _issue(request, csr, profile, identity, approval_csr=request_csr)
     body, content_type = codec.encode_serverkeygen(key_der, issued.certificate)
     return web.Response(body=body, headers={"Content-Type": content_type})
 

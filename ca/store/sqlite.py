@@ -1,4 +1,5 @@
-"""SQLite storage: with `sqlite_schema.py` (the migrations), the only modules with SQL.
+"""SQLite storage: with `sqlite_schema.py` (the migrations) and the query mixins
+`sqlite_failures.py` and `sqlite_approvals.py`, the only modules with SQL.
 
 WAL mode lets readers run beside the one writer; writes start with BEGIN
 IMMEDIATE so that concurrent writers (other coroutines, the CLI, other worker
@@ -47,6 +48,7 @@ from ..model import (
 )
 from ..timefmt import from_rfc3339, to_rfc3339
 from . import TokenRow
+from .sqlite_approvals import ApprovalQueries
 from .sqlite_failures import FailureQueries
 from .sqlite_schema import MIGRATIONS, migrate  # noqa: F401 (MIGRATIONS re-exported)
 
@@ -152,7 +154,7 @@ class _Threaded:
         return await self._conn.execute_fetchall(sql, args)
 
 
-class SQLiteTx(FailureQueries):
+class SQLiteTx(FailureQueries, ApprovalQueries):
     """The `Tx` methods over one connection (`_Direct` in writes, `_Threaded` in reads)."""
 
     def __init__(self, conn: _Direct | _Threaded) -> None:
@@ -180,6 +182,11 @@ class SQLiteTx(FailureQueries):
 
     async def list_devices(self):
         return [_device(r) for r in await self._all(f"SELECT {_DEVICE_COLUMNS} FROM devices ORDER BY id")]
+
+    async def devices_with_serial(self, serial_number):
+        return [_device(r) for r in await self._all(
+            f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE serial_number = ? AND serial_number <> '' ORDER BY id",
+            (serial_number,))]
 
     async def set_device_status(self, device_id, status) -> None:
         await self._c.execute("UPDATE devices SET status = ? WHERE id = ?", (status.value, device_id))
@@ -397,30 +404,6 @@ class SQLiteTx(FailureQueries):
 
     async def last_status_change(self) -> int:
         return (await self._one("SELECT COALESCE(MAX(id), 0) FROM status_changes"))[0]
-
-    # approvals
-    async def get_approval(self, device_id):
-        row = await self._one("SELECT requested_at, approved_at, approved_by FROM approvals WHERE device_id = ?",
-                              (device_id,))
-        return None if row is None else (_dt(row[0]), _dt(row[1]), row[2])
-
-    async def request_approval(self, device_id, at) -> None:
-        await self._c.execute("INSERT OR IGNORE INTO approvals (device_id, requested_at) VALUES (?, ?)",
-                              (device_id, _ts(at)))
-
-    async def approve(self, device_id, at, by) -> None:
-        await self._c.execute(
-            "INSERT INTO approvals (device_id, requested_at, approved_at, approved_by) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(device_id) DO UPDATE SET approved_at = excluded.approved_at, "
-            "approved_by = excluded.approved_by", (device_id, _ts(at), _ts(at), by))
-
-    async def clear_approval(self, device_id) -> None:
-        await self._c.execute("DELETE FROM approvals WHERE device_id = ?", (device_id,))
-
-    async def pending_approvals(self):
-        rows = await self._all("SELECT device_id, requested_at FROM approvals WHERE approved_at IS NULL "
-                               "ORDER BY requested_at")
-        return [(device_id, _dt(at)) for device_id, at in rows]
 
     async def crl_entries(self, not_expired_at):
         rows = await self._all(

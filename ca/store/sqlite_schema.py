@@ -205,6 +205,30 @@ MIGRATIONS: list[str] = [
     CREATE INDEX auth_failures_audit ON auth_failures(scope, audited, window_start);
     CREATE INDEX auth_failures_source ON auth_failures(scope, source, window_start);
     """,
+    # 11: IDevID onboarding finds the device by the serial number its manufacturer certificate names
+    """
+    CREATE INDEX devices_serial_number ON devices(serial_number) WHERE serial_number <> '';
+    """,
+    # 12: an approval binds one key (ca/approvals.py): one row per device and key (the SHA-256 of
+    # its DER SubjectPublicKeyInfo, lowercase hex) with its type, source and times. The per-device
+    # rows of `approvals` are dropped, not carried over: a waiting one names no key (the device's
+    # next retry records it again, with its key), and an approved-but-unused one would let any
+    # key through, which is what this migration ends (the engineer approves again, by key).
+    """
+    CREATE TABLE approval_requests (
+        device_id TEXT NOT NULL REFERENCES devices(id),
+        fingerprint TEXT NOT NULL CHECK (length(fingerprint) = 64 AND fingerprint NOT GLOB '*[^0-9a-f]*'),
+        key_type TEXT NOT NULL,
+        source TEXT,
+        requested_at TEXT NOT NULL,
+        last_seen_at TEXT NOT NULL,
+        approved_at TEXT,
+        approved_by TEXT,
+        PRIMARY KEY (device_id, fingerprint),
+        CHECK ((approved_at IS NULL) = (approved_by IS NULL))
+    );
+    DROP TABLE approvals;
+    """,
 ]
 
 
