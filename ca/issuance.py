@@ -27,8 +27,8 @@ from common.renewal import BACKDATE  # noqa: F401 (notBefore is set this far in 
 from . import der, policy
 from .errors import PolicyViolationError
 from .model import Device, spiffe_id
-from .profiles import Profile
-from .signer import Signer
+from .profiles import SERVER, Profile
+from .signer import KeySigner, Signer
 SERIAL_BITS = 159  # positive, fits the 20-octet limit of RFC 5280 4.1.2.2
 
 
@@ -239,3 +239,11 @@ def proven_key(csr: x509.CertificateSigningRequest):
     """
     policy.proof_of_possession(csr)
     return csr.public_key()
+
+
+def self_check_certificate(key, now: datetime, lifetime: timedelta = timedelta(hours=1)) -> x509.Certificate:
+    """A self-signed TLS server certificate for a process's own in-memory handshakes (the channel
+    binding self-check, enroll/channel_binding.py): trusted by nobody, never stored or served."""
+    subject, sans = server_names(["localhost"])
+    return build_certificate(public_key=key.public_key(), subject=subject, sans=sans, profile=SERVER, issuer=None,
+                             serial=new_serial(), now=now, signer=KeySigner(key), lifetime=lifetime)

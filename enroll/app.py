@@ -8,9 +8,9 @@ from aiohttp import web
 
 from ca.authority import Authority
 
-from . import est, gateway_enroll, posture, ra, ra_service, responder
+from . import est, gateway_enroll, idevid_crl, posture, ra, ra_service, responder
 from .config import EnrollConfig
-from .middleware import errors
+from .middleware import body_deadline, errors
 from .publication import Publisher
 from .state import AUTHORITY, CONFIG, KEYGEN, PUBLISHER
 
@@ -24,7 +24,7 @@ def _base(authority: Authority, config: EnrollConfig, publisher: Publisher, midd
 
 
 def create_app(authority: Authority, config: EnrollConfig, publisher: Publisher, keygen: Executor) -> web.Application:
-    app = _base(authority, config, publisher, [errors, ra.ra_only])
+    app = _base(authority, config, publisher, [errors, body_deadline(config.connections.body_timeout), ra.ra_only])
     app[KEYGEN] = keygen
     authority.source_failure_limit = config.source_failures   # [enroll] source_failures (ca/failures.py)
     est.add_routes(app)
@@ -33,10 +33,11 @@ def create_app(authority: Authority, config: EnrollConfig, publisher: Publisher,
     posture.add_routes(app)
     gateway_enroll.add_routes(app)
     responder.add_routes(app)
+    idevid_crl.start(app, config)   # manufacturer CRLs: fetched before listening, then kept fresh
     return app
 
 
 def create_responder_app(authority: Authority, config: EnrollConfig, publisher: Publisher) -> web.Application:
-    app = _base(authority, config, publisher, [errors])
+    app = _base(authority, config, publisher, [errors, body_deadline(config.connections.body_timeout)])
     responder.add_routes(app)
     return app

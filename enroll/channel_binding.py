@@ -20,7 +20,7 @@ import platform
 import ssl
 import tempfile
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -186,19 +186,16 @@ def _shared_object_of(fn) -> str | None:
 # -- self-check ------------------------------------------------------------------------------
 
 def _throwaway_contexts(directory: Path, version: ssl.TLSVersion) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives import serialization
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "channel-binding self-check")])
-    now = datetime.now(timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(hours=1))
-            .sign(key, hashes.SHA256()))
+    from ca.issuance import self_check_certificate
+    from common.keys import generate_key
+
+    key = generate_key("ec-p256")
+    cert = self_check_certificate(key, datetime.now(timezone.utc))
     cert_file, key_file = directory / "cert.pem", directory / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    # a throwaway key in the process's own 0700 temporary directory, removed when the check ends
     key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -13,9 +13,15 @@ from ca.config import CAPaths
 from ca.errors import BadRequestError, ConfigError
 from ca.timefmt import parse_duration
 
+from . import idevid_crl
+from .idevid_crl import ManufacturerCRLs
+from .limits import ConnectionLimits, parse_connection_limits
+
 _KEYS = {"listen", "http_listen", "max_body", "labels", "channel_binding", "idevid", "trusted_proxies",
-         "proxy_cert_header", "source_failures", "ocsp_cache_size", "status_poll", "workers"}
+         "proxy_cert_header", "source_failures", "ocsp_cache_size", "status_poll", "workers",
+         "connections"}
 MAX_WORKERS = 64
+_IDEVID_KEYS = {"manufacturer", "file", "crl", "crl_url"}
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,9 @@ class IDevIDIssuer:
 
     manufacturer: str
     certificates: tuple[x509.Certificate, ...]   # root and intermediates that issue IDevIDs
+    # `crl`/`crl_url`: the manufacturer's CRLs, live (re-read and re-fetched while the server
+    # runs, enroll/idevid_crl.py); None when the entry configures none
+    revocation: ManufacturerCRLs | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,8 @@ class EnrollConfig:
     status_poll: timedelta = timedelta(milliseconds=250)
     # Server processes sharing the listening sockets (`iomtca serve --workers`); see docs/EST.md.
     workers: int = 1
+    # [enroll.connections]: slow clients, idle keep-alives, connections per source (enroll/limits.py)
+    connections: ConnectionLimits = ConnectionLimits()
 
     def idevid_trust_files(self) -> list[x509.Certificate]:
         return [c for issuer in self.idevid for c in issuer.certificates]
@@ -84,12 +95,16 @@ def load_enroll_config(paths: CAPaths) -> EnrollConfig:
     for entry in raw.get("idevid", []):
         try:
             name, file = entry["manufacturer"], paths.home / entry["file"]
+            if not isinstance(name, str) or not name.strip():
+                raise TypeError
             certs = tuple(x509.load_pem_x509_certificates(file.read_bytes()))
         except (KeyError, TypeError):
             raise ConfigError('each [[enroll.idevid]] needs manufacturer = "..." and file = "roots.pem"') from None
         except (OSError, ValueError) as exc:
             raise ConfigError(f"[[enroll.idevid]] {entry.get('file')}: {exc}") from exc
-        idevid.append(IDevIDIssuer(name, certs))
+        if unknown := set(entry) - _IDEVID_KEYS:
+            raise ConfigError(f"unknown setting(s) in [[enroll.idevid]] {name}: {', '.join(sorted(unknown))}")
+        idevid.append(IDevIDIssuer(name, certs, idevid_crl.load(name, certs, entry, paths.home)))
     try:
         proxies = tuple(ipaddress.ip_network(p) for p in raw.get("trusted_proxies", []))
         poll = parse_duration(raw["status_poll"]) if "status_poll" in raw else d.status_poll
@@ -102,7 +117,8 @@ def load_enroll_config(paths: CAPaths) -> EnrollConfig:
         trusted_proxies=proxies, proxy_cert_header=raw.get("proxy_cert_header", d.proxy_cert_header),
         source_failures=int(raw.get("source_failures", d.source_failures)),
         ocsp_cache_size=int(raw.get("ocsp_cache_size", d.ocsp_cache_size)), status_poll=poll,
-        workers=parse_workers(raw.get("workers", d.workers)))
+        workers=parse_workers(raw.get("workers", d.workers)),
+        connections=parse_connection_limits(raw.get("connections", {})))
     parse_listen(cfg.listen)
     parse_listen(cfg.http_listen)
     return cfg

@@ -4,7 +4,8 @@ The client certificate comes from the TLS connection itself. A reverse proxy's
 client-certificate header is used only when the request comes from an address
 listed in `trusted_proxies`; everyone else's is ignored. Either way the
 certificate is verified here against this CA or a configured manufacturer, and
-its validity period is checked (the TLS layer leaves time to us, see tls.py).
+its validity period is checked (the TLS layer leaves time to us, see tls.py); an
+IDevID is also checked against its manufacturer's CRLs (idevid_crl.py).
 """
 from __future__ import annotations
 
@@ -106,12 +107,19 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 def classify(cert: x509.Certificate, issuing_ca: x509.Certificate, config: EnrollConfig,
              now: datetime) -> CertificateAuth | IDevIDAuth | None:
-    """Ours (a device or RA certificate), a manufacturer's IDevID, or nobody we know."""
+    """Ours (a device or RA certificate), a manufacturer's IDevID, or nobody we know.
+
+    An IDevID must be within its validity and, when its manufacturer has CRLs configured, pass
+    them (enroll/idevid_crl.py: revoked is 401, a CRL out of date or not loaded yet is 503)."""
     if _issued_by(cert, issuing_ca):
         return CertificateAuth(cert)  # validity is judged by the renewal policy (grace period)
     for maker in config.idevid:
-        if any(_issued_by(cert, ca) for ca in maker.certificates):
-            if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-                raise UnauthorizedError(f"the IDevID certificate of {maker.manufacturer} is outside its validity")
-            return IDevIDAuth(cert, maker.manufacturer)
+        issuer = next((ca for ca in maker.certificates if _issued_by(cert, ca)), None)
+        if issuer is None:
+            continue
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise UnauthorizedError(f"the IDevID certificate of {maker.manufacturer} is outside its validity")
+        if maker.revocation is not None:
+            maker.revocation.check(cert, issuer, now)
+        return IDevIDAuth(cert, maker.manufacturer)
     return None

@@ -5,6 +5,7 @@ device API (/iomt/) answer JSON `{"code": ..., "message": ...}` so callers can a
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -74,3 +75,39 @@ async def errors(request: web.Request, handler):
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         return web.Response(status=500, text="internal error; see the server log\n", content_type="text/plain")
+
+
+class BodyTimeout(TimeoutError):
+    """The request body did not arrive within `body_timeout` of its headers ([enroll.connections]).
+    A TimeoutError: aiohttp's lingering read after the answer takes it as its own deadline and
+    closes the connection, where any other exception would be logged as unhandled."""
+
+
+def body_deadline(timeout: float):
+    """Middleware (inside `errors`): a body still incomplete `timeout` seconds after the headers fails
+    its reader with BodyTimeout, answered 408 with the connection closed. Handlers read as usual."""
+
+    @web.middleware
+    async def deadline(request: web.Request, handler):
+        content = request.content
+        if not request.body_exists or content.is_eof():
+            return await handler(request)
+        timer = asyncio.get_running_loop().call_later(
+            timeout, lambda: content.is_eof() or content.set_exception(BodyTimeout()))
+        content.on_eof(timer.cancel)
+        try:
+            return await handler(request)
+        except BodyTimeout:
+            log.info("request body from %s not complete within %.0f s: answered 408", request.remote, timeout)
+            message = f"request body not received within {timeout:.0f} s"
+            if request.path.startswith(JSON_PATHS):
+                response = web.Response(status=408, content_type="application/json", text=json.dumps(
+                    {"code": "bad_request", "message": message, "retry_after": None}))
+            else:
+                response = web.Response(status=408, text=message + "\n", content_type="text/plain")
+            response.force_close()
+            return response
+        finally:
+            timer.cancel()
+
+    return deadline

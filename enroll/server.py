@@ -40,6 +40,7 @@ from ca.service_certs import renew_at, renew_server_certificate, server_renewal_
 from .app import create_app, create_responder_app
 from .channel_binding import exporter_available
 from .config import EnrollConfig, load_enroll_config, parse_listen
+from .limits import ConnectionCounter, ensure_descriptors
 from .publication import Publisher
 from .tls import ServerContext
 
@@ -62,6 +63,7 @@ async def serve(home: Path, *, listen: str | None = None, http_listen: str | Non
     config = load_enroll_config(paths)
     config = replace(config, listen=listen or config.listen, http_listen=http_listen or config.http_listen,
                      workers=workers or config.workers)
+    ensure_descriptors(config.connections)   # refuse a connection limit this process could not keep
     # Opening the authority runs the migrations; the responder is rotated now if due (not on a
     # first request, and not by N workers at once).
     authority = await Authority.open(home, passphrase=passphrase)
@@ -154,11 +156,14 @@ async def run_worker(authority: Authority, config: EnrollConfig, est_socks: list
         ):
             # shutdown_timeout: long polls from the gateway must not hold up a stop for their 25 s
             runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0,
-                                   access_log=log if log.isEnabledFor(logging.DEBUG) else None)
+                                   access_log=log if log.isEnabledFor(logging.DEBUG) else None,
+                                   **config.connections.runner_args())
             await runner.setup()
             runners.append(runner)
+            counter = ConnectionCounter(config.connections, config.trusted_proxies)   # one per listener
+            _count_connections(runner.server, counter)
             for sock in socks:
-                site = SharedSocketSite(runner, sock, ssl_context=ctx)
+                site = SharedSocketSite(runner, sock, ssl_context=ctx, counter=counter)
                 await site.start()
                 if ctx is not None:
                     tls_sites.append(site)
@@ -190,9 +195,13 @@ class SharedSocketSite(web.SockSite):
     back to the socket later, and an idle one takes the next connection.
     """
 
+    def __init__(self, runner, sock, *, ssl_context=None, counter: ConnectionCounter) -> None:
+        super().__init__(runner, sock, ssl_context=ssl_context)
+        self._counter = counter
+
     async def start(self) -> None:
         await web.BaseSite.start(self)   # registers the site with its runner
-        self._server = _Acceptor(self._sock, self._runner.server, self._ssl_context)
+        self._server = _Acceptor(self._sock, self._runner.server, self._ssl_context, self._counter)
 
     def use_ssl_context(self, ssl_context) -> None:
         """New connections get `ssl_context` (a renewed certificate); open ones keep theirs."""
@@ -202,48 +211,97 @@ class SharedSocketSite(web.SockSite):
 
 
 class _Acceptor:
-    def __init__(self, sock: socket.socket, factory, ssl_context) -> None:
+    """Accepts for one site within [enroll.connections] (enroll/limits.py): a connection over its
+    source's limit is closed at once, and at `max_connections` this process stops accepting until
+    one of its connections closes."""
+
+    def __init__(self, sock: socket.socket, server: web.Server, ssl_context, counter: ConnectionCounter) -> None:
         self._loop = asyncio.get_running_loop()
         self._sock = sock
-        self._factory = factory
+        self._factory = server
         self.ssl_context = ssl_context   # read once per connection: a swap reaches new connections
+        self._counter = counter
+        self._handshake_timeout = counter.limits.handshake_timeout
         self._tasks: set[asyncio.Task] = set()
+        self._reading = False
         self.sockets = (sock,)
         sock.setblocking(False)
-        self._loop.add_reader(sock.fileno(), self._accept)
+        counter.on_release(self._resume)
+        self._resume()
 
     def _accept(self) -> None:
         try:
-            conn, _ = self._sock.accept()
+            conn, peer = self._sock.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return   # another worker took it
         except OSError as exc:   # out of file descriptors and the like: stop accepting for a second
             log.warning("accept failed (%s); pausing for 1 s", exc)
-            self._loop.remove_reader(self._sock.fileno())
+            self._pause()
             self._loop.call_later(1.0, self._resume)
             return
+        source = _source(peer)
+        if not self._counter.admit(source):
+            conn.close()
+            return
+        if self._counter.full():
+            self._pause()   # resumed by a connection's end (_count_connections)
         conn.setblocking(False)
-        task = self._loop.create_task(self._connect(conn))
+        task = self._loop.create_task(self._connect(conn, source))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _resume(self) -> None:
-        if self._sock.fileno() >= 0:
-            self._loop.add_reader(self._sock.fileno(), self._accept)
+    def _pause(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._sock.fileno())
+            self._reading = False
 
-    async def _connect(self, conn: socket.socket) -> None:
+    def _resume(self) -> None:
+        if not self._reading and self._sock.fileno() >= 0 and not self._counter.full():
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+            self._reading = True
+
+    async def _connect(self, conn: socket.socket, source: str) -> None:
         try:
-            await self._loop.connect_accepted_socket(self._factory, conn, ssl=self.ssl_context)
-        except Exception as exc:   # failed TLS handshakes: the client's problem, as in asyncio's server
+            await self._loop.connect_accepted_socket(self._factory, conn, ssl=self.ssl_context,
+                                                     ssl_handshake_timeout=self._handshake_timeout
+                                                     if self.ssl_context is not None else None)
+        except BaseException as exc:   # failed TLS handshakes: the client's problem, as in asyncio's server
             log.debug("connection dropped before a request: %s", exc)
             conn.close()
+            self._counter.release(source)   # never reached the server's connection_made
+            if not isinstance(exc, Exception):
+                raise
 
     def close(self) -> None:
         if self._sock.fileno() >= 0:
-            self._loop.remove_reader(self._sock.fileno())
+            self._pause()
             self._sock.close()   # this process's descriptor; other workers keep theirs
         for task in self._tasks:
             task.cancel()
+
+
+def _source(peer) -> str:
+    return peer[0] if isinstance(peer, tuple) and peer else "unknown"
+
+
+def _count_connections(server: web.Server, counter: ConnectionCounter) -> None:
+    """Release a connection's count when aiohttp's server sees it end. aiohttp's request handler
+    reports its start and end to the server (connection_made/connection_lost), and those are
+    the only hooks it has; every site of one listener shares its server and its counter."""
+    sources: dict[object, str] = {}
+    made, lost = server.connection_made, server.connection_lost
+
+    def connection_made(handler, transport) -> None:
+        sources[handler] = _source(transport.get_extra_info("peername"))
+        made(handler, transport)
+
+    def connection_lost(handler, exc=None) -> None:
+        lost(handler, exc)
+        source = sources.pop(handler, None)
+        if source is not None:
+            counter.release(source)
+
+    server.connection_made, server.connection_lost = connection_made, connection_lost
 
 
 class _ServerCertificate:
@@ -434,6 +492,7 @@ def _die_with_parent() -> None:
 async def _worker_main(args: argparse.Namespace, passphrase: bytes) -> None:
     paths = CAPaths(args.dir)
     config = load_enroll_config(paths)
+    ensure_descriptors(config.connections)
     socks = [[socket.socket(fileno=int(fd)) for fd in group.split(",") if fd] for group in (args.est_fds,
                                                                                             args.http_fds)]
     authority = await Authority.open(args.dir, passphrase=passphrase)

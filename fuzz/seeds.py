@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,6 +32,24 @@ def _device_cert(key) -> x509.Certificate:
     subject, sans = issuance.device_names(DEVICE.id, TRUST_DOMAIN)
     return issuance.build_certificate(public_key=key.public_key(), subject=subject, sans=sans, profile=profiles.DEVICE,
                                       issuer=PKI.issuer, serial=issuance.new_serial(), now=NOW)
+
+
+def _manufacturer_crls() -> list[bytes]:
+    """The throwaway CA's CRLs (DER, and one in PEM) listing serials next to the fuzz IDevID's
+    (a seed must pass the whole target; mutations reach the listed case)."""
+    out = []
+    for number, serials in ((1, [PKI.idevid.serial_number + 1, 77]), (2, [PKI.idevid.serial_number - 1])):
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(PKI.issuer.certificate.subject)
+                   .last_update(NOW - timedelta(hours=1)).next_update(NOW + timedelta(days=1))
+                   .add_extension(x509.CRLNumber(number), critical=False))
+        for serial in serials:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW - timedelta(hours=2))
+                .add_extension(x509.CRLReason(x509.ReasonFlags.key_compromise), critical=False).build())
+        crl = builder.sign(PKI.issuer.signer.private_key, hashes.SHA256())
+        out.append(crl.public_bytes(serialization.Encoding.DER))
+    out.append(x509.load_der_x509_crl(out[0]).public_bytes(serialization.Encoding.PEM))
+    return out
 
 
 def seeds() -> dict[str, list[bytes]]:
@@ -64,6 +83,7 @@ def seeds() -> dict[str, list[bytes]]:
         "mqtt_request": mqtt,
         "mqtt_report": [b'{"firmware": "2.4.1", "model": "infusion-pump"}'],
         "basic_header": [b"Basic " + base64.b64encode(b"pump-0001:tok-123"), b"Basic " + base64.b64encode(b"x:y")],
+        "manufacturer_crl": _manufacturer_crls(),
         "ra_json": [json.dumps({"csr": b64[0], "token": "tok", "request_id": "r1"}).encode(),
                     json.dumps({"requests": [{"op": "simpleenroll", "device_id": DEVICE.id, "csr": b, "token": "t",
                                               "request_id": f"r{i}"} for i, b in enumerate(b64)]

@@ -18,16 +18,17 @@ from types import SimpleNamespace
 from typing import Callable
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from ca import cms, issuance, ocsp, policy, profiles
+from ca import cms, idevid, issuance, ocsp, policy, profiles
 from ca.codec import b64decode_strict, load_csr, posture_json
 from ca.errors import CAError
 from ca.model import CertStatus, Device, DeviceStatus
 from ca.signer import KeySigner, generate_key
 from common.ids import check_id
 from enroll import codec as est_codec
-from enroll import est, identity, ra
+from enroll import est, identity, idevid_crl, ra
 from gateway import codec as mqtt_codec
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
@@ -55,6 +56,17 @@ class _PKI:
                                           now=NOW, signer=KeySigner(key))
         return issuance.IssuerContext(cert, KeySigner(key), (cert,), crl_url="http://ca.test/crl",
                                       ocsp_url="http://ca.test/ocsp")
+
+    @cached_property
+    def idevid(self) -> x509.Certificate:
+        """An IEEE 802.1AR IDevID as the throwaway CA, playing a manufacturer, would issue it."""
+        key = generate_key("ec-p256")
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Fuzz Pump"),
+                          x509.NameAttribute(NameOID.SERIAL_NUMBER, "SN-0001")])
+        return (x509.CertificateBuilder().subject_name(name).issuer_name(self.issuer.certificate.subject)
+                .public_key(key.public_key()).serial_number(4242).not_valid_before(NOW - timedelta(days=1))
+                .not_valid_after(NOW + timedelta(days=3650))
+                .sign(self.issuer.signer.private_key, hashes.SHA256()))
 
 
 PKI = _PKI()
@@ -169,6 +181,13 @@ def basic_header(data: bytes) -> None:
     identity.basic_credentials(SimpleNamespace(headers={"Authorization": value}))   # all it reads
 
 
+def manufacturer_crl(data: bytes) -> None:
+    """A manufacturer's CRL as `[[enroll.idevid]] crl_url` fetches it (over plain HTTP, anyone on
+    the path can answer): accepted or refused as the server does, then an IDevID checked against it."""
+    crl = idevid_crl._accept(data, [PKI.issuer.certificate])
+    idevid.check_revocation(PKI.idevid, PKI.issuer.certificate, [PKI.issuer.certificate], [crl], NOW, "Fuzz Maker")
+
+
 TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("est_csr_body", est_csr_body, "EST simpleenroll/serverkeygen body: base64 DER or PEM PKCS#10"),
     Target("csr_der", csr_der, "DER/PEM PKCS#10 as the RA API and MQTT carry it"),
@@ -181,6 +200,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
     Target("mqtt_report", mqtt_report, "MQTT unsigned posture report"),
     Target("ra_json", ra_json, "RA API JSON bodies, single and batch"),
     Target("basic_header", basic_header, "EST HTTP Basic Authorization header"),
+    Target("manufacturer_crl", manufacturer_crl, "a manufacturer CRL fetched from crl_url (PEM or DER)",
+           expected=(CAError, idevid.CRLError)),
 ]}
 
 

@@ -273,6 +273,34 @@ def test_self_check_passes_here():
     assert cb.exporter_available() is True
 
 
+def test_self_check_certificate_is_built_by_the_ca_core(monkeypatch):
+    """The self-check's throwaway server certificate comes from ca/issuance.py (one builder of
+    certificates), and a fresh check really performs its handshakes with it."""
+    import ca.issuance
+
+    made = []
+    real = ca.issuance.self_check_certificate
+
+    def recording(key, now, **kw):
+        made.append(real(key, now, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(ca.issuance, "self_check_certificate", recording)
+    monkeypatch.setattr(cb, "_state", cb._UNCHECKED)
+    assert cb.exporter_available() is True
+    assert len(made) == 2   # one per TLS version checked (1.2, then 1.3)
+    usage = made[0].extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert x509.ExtendedKeyUsageOID.SERVER_AUTH in usage
+    assert made[0].not_valid_after_utc - made[0].not_valid_before_utc <= timedelta(hours=2)
+
+    def broken(key, now, **kw):
+        raise ValueError("no certificate today")
+
+    monkeypatch.setattr(ca.issuance, "self_check_certificate", broken)
+    monkeypatch.setattr(cb, "_state", cb._UNCHECKED)
+    assert cb.exporter_available() is False   # no certificate, no trusted exporter
+
+
 def test_not_connected_yet_is_none(pki):
     server_ctx, _ = contexts(pki, "TLSv1.3")
     fresh = server_ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)

@@ -32,18 +32,20 @@ from enroll.tls import ServerContext, server_context
 
 LIFETIME = 12.0
 SHORT = f'[ca.profiles.server]\nlifetime = "{int(LIFETIME)}s"'
+# a connection held open across renewals sits idle longer than the default idle_timeout (30 s)
+KEEP_OPEN = '[enroll.connections]\nidle_timeout = "5m"'
 EST = "/.well-known/est"
 
 
 @pytest.fixture(scope="module")
 def one_worker(start_server):
-    return start_server("renew1", ca_tables=SHORT)
+    return start_server("renew1", ca_tables=SHORT, enroll=KEEP_OPEN)
 
 
 @pytest.fixture(scope="module")
 def two_workers(start_server, one_worker):
     # started right after the first: its renewals accumulate while the first one's test runs
-    return start_server("renew2", ca_tables=SHORT, enroll="workers = 2")
+    return start_server("renew2", ca_tables=SHORT, enroll="workers = 2\n" + KEEP_OPEN)
 
 
 def address(server) -> tuple[str, int]:
