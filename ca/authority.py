@@ -57,9 +57,10 @@ class Authority(Publication):
         self._serial = serial_source
         self._responder: OCSPResponder | None = None
         self._responder_lock = asyncio.Lock()
-        # Wrong tokens per device: 5 in 15 minutes, then the device waits (RFC 7030 3.2.3 leaves this to us).
-        # [enroll] source_failures, set by the server: failed anonymous logins per source and window
-        self.source_failure_limit = 20
+        # Failed token logins per (device, source) and per source and window before they wait (RFC
+        # 7030 3.2.3 leaves this to us): [enroll] device_source_failures and source_failures, set
+        # by the server (ca/failures.py)
+        self.failure_limits = failures.Limits()
 
     @classmethod
     async def open(cls, home: Path, *, clock: Clock = utc_now, serial_source: Callable[[], int] = new_serial,
@@ -291,7 +292,7 @@ class Authority(Publication):
     async def _token_login(self, tx: Tx, device_id: str, credential: TokenAuth, now: datetime):
         """(device, token row) a one-time token logs in. Until the token matches, an unknown id and
         a wrong token are one NotAcceptedError; a locked (device, source) or source is 429."""
-        await failures.check(tx, failures.keys(device_id, credential.source), now, self.source_failure_limit)
+        await failures.check(tx, failures.keys(device_id, credential.source), now, self.failure_limits)
         device = await tx.get_device(device_id)
         if device is None:
             token_digest(credential.secret)   # about the work of a wrong token: no timing tell
@@ -330,7 +331,7 @@ class Authority(Publication):
         await approvals.check(tx, device.id, bound)
 
     async def _record_pending(self, device_id: str, key, credential: Credential, now: datetime, who: str) -> None:
-        source = credential.source if isinstance(credential, TokenAuth) else None
+        source = credential.source if isinstance(credential, (TokenAuth, IDevIDAuth)) else None
         async with self.store.write() as tx:
             await approvals.record(tx, device_id, key, source, now, who)
 

@@ -46,6 +46,7 @@ class IDevIDAuth:
 
     certificate: x509.Certificate
     manufacturer: str
+    source: str | None = None   # where the request came from, as the edge saw it (shown with an approval)
 
 
 Credential = TokenAuth | OperatorAuth | CertificateAuth | SignedRequestAuth | IDevIDAuth

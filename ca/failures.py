@@ -28,7 +28,16 @@ from .model import AuditEvent
 log = logging.getLogger(__name__)
 
 WINDOW = timedelta(minutes=15)
-DEVICE_SOURCE_LIMIT = 5
+DEVICE_SOURCE_LIMIT = 5   # the defaults of [enroll] device_source_failures and source_failures
+SOURCE_LIMIT = 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Failed logins per key in the current and previous window before it must wait."""
+
+    device_source: int = DEVICE_SOURCE_LIMIT
+    source: int = SOURCE_LIMIT
 KEEP = 4 * WINDOW   # counted windows older than this are deleted once audited
 RA_PREFIX = "ra:"
 
@@ -53,15 +62,15 @@ def window_start(now: datetime) -> datetime:
     return datetime.fromtimestamp(epoch - epoch % step, timezone.utc)
 
 
-async def check(tx, k: Keys, now: datetime, source_limit: int) -> None:
+async def check(tx, k: Keys, now: datetime, limits: Limits) -> None:
     """Refuse (RateLimitedError) a key whose failures reached its limit."""
     start = window_start(now)
     since = start - WINDOW
     retry = int((start + WINDOW - now).total_seconds()) + 1
-    if await tx.count_failures("device-source", k.device_source, since) >= DEVICE_SOURCE_LIMIT:
+    if await tx.count_failures("device-source", k.device_source, since) >= limits.device_source:
         raise RateLimitedError(f"too many failed attempts for this device from {k.source}; retry in {retry} s",
                                retry_after=retry)
-    if k.limited_source and await tx.count_failures("source", k.source, since) >= source_limit:
+    if k.limited_source and await tx.count_failures("source", k.source, since) >= limits.source:
         raise RateLimitedError(f"too many failed attempts from address {k.source}; retry in {retry} s",
                                retry_after=retry)
 

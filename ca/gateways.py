@@ -88,7 +88,7 @@ async def enroll(authority: "Authority", name: str, secret: str, csr: x509.Certi
         key = proven_key(csr)
         policy.key_allowed(key, authority.config.profile(PROFILE))
         async with authority.store.write() as tx:
-            await failures.check(tx, failures.keys(who, source), now, authority.source_failure_limit)
+            await failures.check(tx, failures.keys(who, source), now, authority.failure_limits)
             gateway = await tx.get_gateway(name)
             _check_token(gateway, name, secret, now)
             subject, sans = identity(name, authority.config.trust_domain)

@@ -182,6 +182,17 @@ def check_revocation(cert: x509.Certificate, issuer: x509.Certificate, cas: Sequ
             raise UnauthorizedError("the manufacturer CA that issued this IDevID certificate has been revoked")
 
 
+def check_ca_validity(issuer: x509.Certificate, cas: Sequence[x509.Certificate], now: datetime,
+                      manufacturer: str) -> None:
+    """The manufacturer CA that issued an IDevID, and the configured CAs above it, must be within
+    their validity (the TLS layer skips time checks: tls.py; a device's own expired certificate
+    is judged by the renewal policy, a manufacturer CA's by this)."""
+    for ca in [issuer] + [parent for _, parent in _chain_above(issuer, cas)]:
+        if not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
+            raise UnauthorizedError(f"the {manufacturer} CA certificate that vouches for this IDevID "
+                                    "is outside its validity")
+
+
 def stale_issuers(crls: Sequence[ManufacturerCRL], now: datetime) -> list[x509.Certificate]:
     """The manufacturer CAs whose every CRL held is past its nextUpdate (or not yet valid)."""
     issuers = {c.issuer: False for c in crls}

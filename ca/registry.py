@@ -132,7 +132,17 @@ class Registry:
                 raise UnknownDeviceError(f"device {device_id} is not registered")
             if device.status is not DeviceStatus.ACTIVE:
                 raise PolicyViolationError(f"device {device_id} is {device.status.value}; no token issued")
-            return await self._issue_token(tx, device_id, now, actor)
+            # the keys still waiting for approval came with the token this one replaces (perhaps a
+            # stolen one): they go with it; an approved key stays approved (its holder still needs
+            # the new token to use it)
+            dropped = [r.fingerprint for r in await tx.pending_approvals(device_id) if not r.approved]
+            for fingerprint in dropped:
+                await tx.clear_approval(device_id, fingerprint)
+            token = await self._issue_token(tx, device_id, now, actor)
+            if dropped:
+                await tx.append_audit(AuditEvent("enroll_approval_rejected", actor, device_id=device_id, detail={
+                    "fingerprints": dropped, "why": "new token"}), now)
+            return token
 
     async def get(self, device_id: str) -> Device:
         async with self._store.read() as tx:

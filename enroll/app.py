@@ -6,6 +6,7 @@ from concurrent.futures import Executor
 
 from aiohttp import web
 
+from ca import failures
 from ca.authority import Authority
 
 from . import est, gateway_enroll, idevid_crl, posture, ra, ra_service, responder
@@ -26,7 +27,8 @@ def _base(authority: Authority, config: EnrollConfig, publisher: Publisher, midd
 def create_app(authority: Authority, config: EnrollConfig, publisher: Publisher, keygen: Executor) -> web.Application:
     app = _base(authority, config, publisher, [errors, body_deadline(config.connections.body_timeout), ra.ra_only])
     app[KEYGEN] = keygen
-    authority.source_failure_limit = config.source_failures   # [enroll] source_failures (ca/failures.py)
+    # [enroll] device_source_failures and source_failures (ca/failures.py)
+    authority.failure_limits = failures.Limits(config.device_source_failures, config.source_failures)
     est.add_routes(app)
     ra.add_routes(app)
     ra_service.add_routes(app)

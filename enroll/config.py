@@ -18,8 +18,8 @@ from .idevid_crl import ManufacturerCRLs
 from .limits import ConnectionLimits, parse_connection_limits
 
 _KEYS = {"listen", "http_listen", "max_body", "labels", "channel_binding", "idevid", "trusted_proxies",
-         "proxy_cert_header", "source_failures", "ocsp_cache_size", "status_poll", "workers",
-         "connections"}
+         "proxy_cert_header", "source_failures", "device_source_failures", "ocsp_cache_size", "status_poll",
+         "workers", "connections"}
 MAX_WORKERS = 64
 _IDEVID_KEYS = {"manufacturer", "file", "crl", "crl_url"}
 
@@ -48,8 +48,10 @@ class EnrollConfig:
     # Reverse proxies whose client-certificate header is believed; nobody else's is.
     trusted_proxies: tuple[ipaddress._BaseNetwork, ...] = ()
     proxy_cert_header: str = "X-SSL-Client-Cert"
-    # Failed token attempts per source address before it must wait (15-minute window).
+    # Failed token attempts per source address, and per device from one source, before they
+    # must wait (15-minute windows, ca/failures.py).
     source_failures: int = 20
+    device_source_failures: int = 5
     ocsp_cache_size: int = 50_000
     status_poll: timedelta = timedelta(milliseconds=250)
     # Server processes sharing the listening sockets (`iomtca serve --workers`); see docs/EST.md.
@@ -80,6 +82,13 @@ def parse_workers(value) -> int:
     if isinstance(value, bool) or not 1 <= count <= MAX_WORKERS or str(count) != str(value).strip():
         raise ConfigError(f'workers must be a whole number from 1 to {MAX_WORKERS} or "auto", not {value!r}')
     return count
+
+
+def _count(raw: dict, name: str, default: int) -> int:
+    value = raw.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000_000:
+        raise ConfigError(f"[enroll] {name} must be a whole number from 1 to 1000000000, not {value!r}")
+    return value
 
 
 def load_enroll_config(paths: CAPaths) -> EnrollConfig:
@@ -115,7 +124,8 @@ def load_enroll_config(paths: CAPaths) -> EnrollConfig:
         max_body=int(raw.get("max_body", d.max_body)), labels=dict(raw.get("labels", {})),
         channel_binding=frozenset(raw.get("channel_binding", [])), idevid=tuple(idevid),
         trusted_proxies=proxies, proxy_cert_header=raw.get("proxy_cert_header", d.proxy_cert_header),
-        source_failures=int(raw.get("source_failures", d.source_failures)),
+        source_failures=_count(raw, "source_failures", d.source_failures),
+        device_source_failures=_count(raw, "device_source_failures", d.device_source_failures),
         ocsp_cache_size=int(raw.get("ocsp_cache_size", d.ocsp_cache_size)), status_poll=poll,
         workers=parse_workers(raw.get("workers", d.workers)),
         connections=parse_connection_limits(raw.get("connections", {})))

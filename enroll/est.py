@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 from aiohttp import web
 from cryptography import x509
@@ -72,6 +73,7 @@ async def _enroll_identity(request: web.Request):
     if cert is not None:
         credential = classify(cert, authority.issuer.certificate, config, authority.now())
         if isinstance(credential, IDevIDAuth):
+            credential = replace(credential, source=client_source(request, config))
             return await authority.device_for_idevid(credential), credential
         if isinstance(credential, CertificateAuth):
             return None, credential

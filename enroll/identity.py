@@ -20,6 +20,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from ca import idevid
 from ca.credentials import CertificateAuth, IDevIDAuth, TokenAuth
 from ca.errors import BadRequestError, UnauthorizedError
 from common.ids import check_id
@@ -119,6 +120,7 @@ def classify(cert: x509.Certificate, issuing_ca: x509.Certificate, config: Enrol
             continue
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise UnauthorizedError(f"the IDevID certificate of {maker.manufacturer} is outside its validity")
+        idevid.check_ca_validity(issuer, maker.certificates, now, maker.manufacturer)
         if maker.revocation is not None:
             maker.revocation.check(cert, issuer, now)
         return IDevIDAuth(cert, maker.manufacturer)

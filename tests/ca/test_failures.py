@@ -59,7 +59,7 @@ async def test_an_unknown_id_and_a_wrong_token_are_one_answer(authority):
 
 
 async def test_the_per_source_limit_spans_device_ids(authority):
-    authority.source_failure_limit = 3
+    authority.failure_limits = failures.Limits(source=3)
     secrets = {d: await register(authority, d) for d in ("p-1", "p-2", "p-3", "p-4")}
     for device in ("p-1", "p-2", "ghost-1"):
         with pytest.raises(NotAcceptedError):
@@ -72,7 +72,7 @@ async def test_the_per_source_limit_spans_device_ids(authority):
 async def test_a_gateway_is_counted_but_not_locked_as_a_whole(authority):
     """Relayed attempts (ra:GATEWAY) speak for a whole ward: no per-source limit, the per-device
     one still holds."""
-    authority.source_failure_limit = 3
+    authority.failure_limits = failures.Limits(source=3)
     secret = await register(authority, "p-9")
     for n in range(6):
         with pytest.raises(NotAcceptedError):

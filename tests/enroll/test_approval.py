@@ -190,3 +190,24 @@ def test_serverkeygen_waits_with_the_clients_request_key(est, ca, tools):
     assert [r["fingerprint"] for r in dev.pending()] == [fp]
     dev.approve("--fingerprint", fp)
     assert est.est_post("serverkeygen", body, user=(dev.id, dev.token)).status == 200
+
+
+def test_a_new_token_drops_the_waiting_keys_and_keeps_an_approved_one(est, ca, tools):
+    """`device token` after a theft: the keys that asked with the old token stop waiting (audited);
+    an approved key stays approved, and still needs the new token."""
+    dev = Device(est, ca, tools, "monitor")
+    (key_a, fp_a), (key_b, fp_b) = dev.new_key(), dev.new_key()
+    dev.waits(key_a)
+    dev.waits(key_b, source=SOURCE_B)
+    dev.approve("--fingerprint", fp_a)
+    old_token = dev.token
+    dev.token = json.loads(ca.iomtca("device", "token", dev.id, "--json").stdout)["token"]
+    assert [(r["fingerprint"], r["state"]) for r in dev.pending()] == [(fp_a, "approved")]
+    [rejected] = ca.audit("enroll_approval_rejected", dev.id)
+    assert rejected["detail"]["fingerprints"] == [fp_b] and rejected["detail"]["why"] == "new token"
+    with ca.no_new_certificates():
+        _, csr = ca.make_csr(dev.id, key=key_a)
+        stale = est.est_post("simpleenroll", tools.b64_body(csr.read_bytes()), user=(dev.id, old_token))
+    assert stale.status == 401, stale
+    ok = dev.ask(key_a)
+    assert ok.status == 200, ok

@@ -339,6 +339,22 @@ def test_other_python_implementation_is_not_trusted(monkeypatch, caplog):
     assert "not CPython" in caplog.text
 
 
+def test_an_untested_python_version_is_not_trusted(monkeypatch, caplog):
+    monkeypatch.setattr(cb, "_state", cb._UNCHECKED)
+    monkeypatch.setattr(cb, "TESTED_PYTHONS", frozenset({(3, 99)}))
+    with caplog.at_level(logging.WARNING, logger=cb.__name__):
+        assert cb.exporter_available() is False
+    assert "not among the versions this ctypes path was tested on (3.99)" in caplog.text
+
+
+def test_this_python_is_among_the_tested_ones():
+    """The suite runs on this interpreter: if it is new, this file passing is the test that lets
+    it into TESTED_PYTHONS (and this assertion says so)."""
+    import sys
+    assert sys.version_info[:2] in cb.TESTED_PYTHONS, (
+        f"run tests/enroll/test_channel_binding.py on {sys.version_info[:2]} and add it to TESTED_PYTHONS")
+
+
 def test_shifted_layout_is_refused_before_libssl_sees_the_pointer(pki, monkeypatch, caplog):
     """If the struct moved by one pointer, the ctx-slot identity check fails; nothing is called."""
     assert cb.exporter_available()

@@ -8,6 +8,8 @@ import urllib.parse
 
 import pytest
 
+from tests.enroll.conftest import IOMTCA, env
+
 
 @pytest.fixture(scope="module")
 def est(start_server):
@@ -217,6 +219,34 @@ def test_a_stranger_guessing_tokens_locks_out_only_their_own_address(est, ca, de
     # ...but the device, from its own address, enrolls
     issued = est.enroll(device_id, token)
     ca.openssl_verify(issued.cert_path)
+
+
+def test_device_source_failures_sets_the_per_device_and_source_limit(start_server, tools):
+    """[enroll] device_source_failures = 2: the third try for one device from one address waits,
+    the right token from another address still enrolls; a bad value stops the server."""
+    own = start_server("device-source-limit", enroll="device_source_failures = 2")
+    device_id = own.ca.unique("dsl")
+    token = own.ca.add_device(device_id)
+    _, csr = own.ca.make_csr(device_id)
+    body = tools.b64_body(csr.read_bytes())
+    for n in range(2):
+        refused(own.est_post("simpleenroll", body, user=(device_id, f"guess-{n}"), source="127.0.0.7"), 401)
+    refused(own.est_post("simpleenroll", body, user=(device_id, token), source="127.0.0.7"), 429, "this device")
+    assert own.est_post("simpleenroll", body, user=(device_id, token), source="127.0.0.8").status == 200
+
+
+@pytest.mark.parametrize("setting", ["device_source_failures = 0", 'source_failures = "many"'])
+def test_a_failure_limit_that_is_no_count_is_refused(ca, setting):
+    config = ca.home / "config.toml"
+    original = config.read_text()
+    try:
+        config.write_text(original + f"\n[enroll]\n{setting}\n" if "\n[enroll]" not in original
+                          else original.replace("\n[enroll]\n", f"\n[enroll]\n{setting}\n", 1))
+        proc = subprocess.run([str(IOMTCA), "serve", "--dir", str(ca.home), "--listen", "127.0.0.1:0",
+                               "--http-listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60, env=env())
+    finally:
+        config.write_text(original)
+    assert proc.returncode != 0 and "must be a whole number" in proc.stderr, proc.stderr
 
 
 def test_per_address_limit_spans_devices(start_server, tools):

@@ -78,10 +78,10 @@ class Maker:
         self.intermediates: list[Issuer] = []
         self.intermediate = self.add_intermediate("IDevID CA")
 
-    def add_intermediate(self, label: str) -> Issuer:
+    def add_intermediate(self, label: str, *, not_after: datetime | None = None) -> Issuer:
         key = ec.generate_private_key(ec.SECP256R1())
         issuer = Issuer(_cert(_name(f"{self.name} {label}", self.name), key, self.root, ca=True,
-                              not_after=_now() + timedelta(days=3650)), key)
+                              not_after=not_after or _now() + timedelta(days=3650)), key)
         self.intermediates.append(issuer)
         return issuer
 
@@ -205,6 +205,8 @@ def env(start_server, makers, tmp_path_factory):
     ids.c1 = makers.c.idevid("SN-C1", work)
     g, line2 = makers.g, makers.g.add_intermediate("Line 2 CA")
     ids.g1, ids.g2 = g.idevid("SN-G1", work), g.idevid("SN-G2", work, line2)
+    lapsed = makers.b.add_intermediate("Lapsed CA", not_after=_now() - timedelta(hours=1))
+    ids.b8 = makers.b.idevid("SN-B8", work, lapsed)   # the IDevID is current, its CA is not (no CRL for B)
     for m in (makers.a, makers.b, makers.c, makers.g):
         (ca.home / f"{m.name}.pem").write_bytes(m.trust_pem())
     (ca.home / "maker-g-1.crl").write_bytes(g.crl([], 1))
@@ -224,7 +226,7 @@ def env(start_server, makers, tmp_path_factory):
             ("pump-a1", "maker-a", "SN-A1"), ("pump-a2", None, "SN-A2"), ("pump-a3", "maker-b", "SN-A3"),
             ("pump-a4", "maker-a", "SN-A4"), ("pump-a5", "maker-a", "SN-A5"), ("pump-b5", "maker-b", "SN-A5"),
             ("pump-a6", "maker-a", "SN-A6"), ("pump-a7", "maker-a", "SN-A7"), ("pump-c1", "maker-c", "SN-C1"),
-            ("pump-g1", "maker-g", "SN-G1"), ("pump-g2", "maker-g", "SN-G2")):
+            ("pump-g1", "maker-g", "SN-G1"), ("pump-g2", "maker-g", "SN-G2"), ("pump-b8", "maker-b", "SN-B8")):
         register(ca, device_id, manufacturer=manufacturer, serial=serial)
     return SimpleNamespace(srv=srv, ca=ca, ids=ids, makers=makers)
 
@@ -235,6 +237,13 @@ def test_matching_manufacturer_and_serial_onboards(env, tools):
     issued = env.ca.audit("certificate_issued", "pump-a1")
     assert [r["actor"] for r in issued] == ["device:pump-a1:idevid"], issued
     assert [c["serial"] for c in device_certs(env.ca, "pump-a1")] == [got.serial_hex]
+
+
+def test_an_idevid_from_a_manufacturer_ca_outside_its_validity_cannot_onboard(env, tools):
+    """TLS leaves time checks to us (tls.py): the issuing manufacturer CA's validity is checked too."""
+    with env.ca.no_new_certificates():
+        reply = onboard(env.srv, env.ids.b8, tools, name="pump-b8")
+    refused(reply, 401, "maker-b CA certificate", "outside its validity")
 
 
 def test_a_device_registered_without_manufacturer_cannot_onboard(env, tools):
