@@ -30,6 +30,7 @@ from .model import (AuditEvent, CertRecord, CertStatus, Device, DeviceStatus, Is
                     serial_hex)
 from .ocsp_signer import OCSPResponder
 from .publication import CA_PROFILES, Publication
+from .operators import Operators
 from .registry import Registry, edited_fields, find_token, token_digest
 from .signer import KeySigner
 from .store import Store, Tx
@@ -52,6 +53,8 @@ class Authority(Publication):
         self.store = store
         self.issuer = issuer
         self.registry = Registry(store, token_ttl=config.token_ttl, clock=clock)
+        # operator accounts (console, admin API); their logins share the failure limits below
+        self.operators = Operators(store, clock, limits=lambda: self.failure_limits)
         self.key_passphrase = passphrase  # decrypts service keys it writes (OCSP responder)
         self._clock = clock
         self._serial = serial_source

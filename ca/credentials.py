@@ -20,9 +20,12 @@ class TokenAuth:
 
 @dataclass(frozen=True)
 class OperatorAuth:
-    """An engineer at the admin CLI vouches for the CSR (manual onboarding)."""
+    """An operator vouches for the request (manual onboarding, revocation...). `role` None: the
+    local CLI operator (the OS account of the real uid, all rights); otherwise an operator
+    account of ca/operators.py with that role."""
 
     name: str
+    role: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,9 +65,13 @@ def operator() -> OperatorAuth:
         return OperatorAuth(f"uid-{uid}")
 
 
-def actor(credential: Credential, device_id: str) -> str:
+def actor(credential: Credential, device_id: str = "") -> str:
+    """Who an audit row names: `operator:NAME` (the CLI), `operator:NAME:ROLE` (an operator
+    account), `device:ID` or `device:ID:idevid`."""
     if isinstance(credential, OperatorAuth):
-        return f"operator:{credential.name}"
+        if credential.role is None:
+            return f"operator:{credential.name}"
+        return f"operator:{credential.name}:{credential.role}"
     if isinstance(credential, IDevIDAuth):
         return f"device:{device_id}:idevid"
     return f"device:{device_id}"

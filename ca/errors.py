@@ -8,6 +8,7 @@ from common.errors import (  # noqa: F401 (re-exported)
     TokenExpiredError,
     TokenUsedError,
     SupersededError,
+    ForbiddenError,
     UnknownDeviceError,
     RevokedError,
     PostureError,
@@ -21,4 +22,4 @@ from common.errors import (  # noqa: F401 (re-exported)
     ConfigError,
 )
 
-__all__ = ["CAError", "BadRequestError", "ProofOfPossessionError", "UnauthorizedError", "NotAcceptedError", "TokenExpiredError", "TokenUsedError", "SupersededError", "UnknownDeviceError", "RevokedError", "PostureError", "PolicyViolationError", "KeyPolicyError", "RateLimitedError", "UnavailableError", "PendingApprovalError", "ConflictError", "NotFoundError", "ConfigError"]
+__all__ = ["CAError", "BadRequestError", "ProofOfPossessionError", "UnauthorizedError", "NotAcceptedError", "TokenExpiredError", "TokenUsedError", "SupersededError", "ForbiddenError", "UnknownDeviceError", "RevokedError", "PostureError", "PolicyViolationError", "KeyPolicyError", "RateLimitedError", "UnavailableError", "PendingApprovalError", "ConflictError", "NotFoundError", "ConfigError"]

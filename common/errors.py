@@ -44,6 +44,8 @@ class NotAcceptedError(UnauthorizedError):
 
     GENERIC = "device id or enrollment token not accepted"
     GATEWAY = "gateway name or enrollment token not accepted"
+    OPERATOR = "operator name or password not accepted"
+    OPERATOR_TOKEN = "API token not accepted"
 
     def __init__(self, why: str, message: str = GENERIC) -> None:
         super().__init__(message)
@@ -65,6 +67,12 @@ class SupersededError(UnauthorizedError):
     def __init__(self, message: str, *, serial: int, newer: int, device_id: str) -> None:
         super().__init__(message)
         self.serial, self.newer, self.device_id = serial, newer, device_id
+
+
+class ForbiddenError(CAError):
+    """The caller is known (an operator account) but its role does not allow the action (HTTP 403)."""
+
+    code = "forbidden"
 
 
 class UnknownDeviceError(CAError):

@@ -50,6 +50,7 @@ from ..timefmt import from_rfc3339, to_rfc3339
 from . import TokenRow
 from .sqlite_approvals import ApprovalQueries
 from .sqlite_failures import FailureQueries
+from .sqlite_operators import OperatorQueries
 from .sqlite_schema import MIGRATIONS, migrate  # noqa: F401 (MIGRATIONS re-exported)
 
 BUSY_TIMEOUT_S = 30.0
@@ -154,7 +155,7 @@ class _Threaded:
         return await self._conn.execute_fetchall(sql, args)
 
 
-class SQLiteTx(FailureQueries, ApprovalQueries):
+class SQLiteTx(FailureQueries, ApprovalQueries, OperatorQueries):
     """The `Tx` methods over one connection (`_Direct` in writes, `_Threaded` in reads)."""
 
     def __init__(self, conn: _Direct | _Threaded) -> None:

@@ -229,6 +229,39 @@ MIGRATIONS: list[str] = [
     );
     DROP TABLE approvals;
     """,
+    # 13: operator accounts of the console and the admin API (ca/operators.py): a role each, the
+    # password as a self-describing scrypt string, sessions and API tokens kept only as SHA-256
+    # digests of their secrets (the secrets themselves are never stored)
+    """
+    CREATE TABLE operators (
+        name TEXT PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 64 AND name NOT GLOB '*[^a-z0-9._-]*'),
+        role TEXT NOT NULL CHECK (role IN ('auditor', 'engineer', 'security', 'admin')),
+        password_hash TEXT NOT NULL CHECK (password_hash GLOB 'scrypt$*'),
+        created_at TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        password_changed_at TEXT,
+        disabled_at TEXT
+    );
+    CREATE TABLE operator_sessions (
+        digest BLOB PRIMARY KEY CHECK (length(digest) = 32),
+        operator TEXT NOT NULL REFERENCES operators(name),
+        source TEXT,
+        created_at TEXT NOT NULL,
+        last_seen_at TEXT NOT NULL
+    );
+    CREATE INDEX operator_sessions_operator ON operator_sessions(operator);
+    CREATE INDEX operator_sessions_last_seen ON operator_sessions(last_seen_at);
+    CREATE TABLE operator_tokens (
+        id INTEGER PRIMARY KEY,
+        digest BLOB NOT NULL UNIQUE CHECK (length(digest) = 32),
+        operator TEXT NOT NULL REFERENCES operators(name),
+        created_at TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        expires_at TEXT NOT NULL
+    );
+    CREATE INDEX operator_tokens_operator ON operator_tokens(operator);
+    CREATE INDEX operator_tokens_expires ON operator_tokens(expires_at);
+    """,
 ]
 
 
