@@ -111,7 +111,7 @@ class Server(Service):
         self.est_port = free_port()
         self.http_port = http_port or free_port()
         argv = [IOMTCA, "serve", "--dir", str(home), "--listen", f"127.0.0.1:{self.est_port}",
-                "--http-listen", f"127.0.0.1:{self.http_port}"]
+                "--http-listen", f"127.0.0.1:{self.http_port}", "--console-listen", "127.0.0.1:0"]
         if workers is not None:
             argv += ["--workers", str(workers)]
         super().__init__(argv, home / "bench-serve.log", "iomtca serve")

@@ -32,6 +32,7 @@ class CAPaths:
     issuing_key: Path = field(init=False)
     ocsp_signer: Path = field(init=False)
     server_key: Path = field(init=False)
+    evidence_signer: Path = field(init=False)
     passphrase: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -43,6 +44,7 @@ class CAPaths:
             private=private, root_key=private / "root.key",
             issuing_key=private / "issuing.key", ocsp_signer=private / "ocsp-signer.pem",
             server_key=private / "server.key", passphrase=private / "passphrase",
+            evidence_signer=private / "evidence-signer.pem",   # made on the first export (ca/evidence.py)
         )
         for name, value in values.items():
             object.__setattr__(self, name, value)

@@ -67,6 +67,19 @@ OCSP = Profile(
     revocation_info=False,
 )
 
+# RFC 9336: id-kp-documentSigning, for signatures over documents (here the auditor's evidence
+# export, ca/evidence.py). Not emailProtection (no mailbox is named, and an S/MIME client would
+# take the certificate for a person's), not codeSigning, not OCSP or TLS: a key that signs exports
+# can sign nothing a relying party would read as anything else.
+DOCUMENT_SIGNING = ObjectIdentifier("1.3.6.1.5.5.7.3.36")
+
+EVIDENCE = Profile(
+    name="evidence",
+    lifetime=timedelta(days=90),
+    subject_rule=SubjectRule.SERVICE,
+    extended_key_usage=(DOCUMENT_SIGNING,),
+)
+
 ROOT_CA = Profile(
     name="root-ca",
     lifetime=timedelta(days=3652 * 2),
@@ -86,4 +99,5 @@ ISSUING_CA = Profile(
     revocation_info=False,
 )
 
-BUILTIN: dict[str, Profile] = {p.name: p for p in (DEVICE, GATEWAY, SERVER, OCSP, ROOT_CA, ISSUING_CA)}
+BUILTIN: dict[str, Profile] = {p.name: p for p in (DEVICE, GATEWAY, SERVER, OCSP, EVIDENCE, ROOT_CA,
+                                                   ISSUING_CA)}

@@ -9,6 +9,10 @@ validity is longer than its profile's configured lifetime now allows (an operato
 notBefore + `common.renewal.BACKDATE`: counting from the backdated notBefore, a 30 s certificate would be
 due the moment it is made.
 
+A service certificate that only signs on demand (the evidence signer, `ca/evidence.py`) is kept
+with its key in one file and renewed when next used (`keyed_certificate`): when it is due by the
+rule above, revoked or held in the store, or no longer issued by the current issuing CA.
+
 Every certificate comes from `Authority.issue_service`. A renewal holds an exclusive lock on a file
 beside the key, re-checks under it (another process may have renewed meanwhile), then writes the
 new key and after it the certificate with its issuing CA, each atomically: a reader that sees the
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
@@ -32,9 +37,10 @@ from common.renewal import issued_at, longer_than, read_cert, renew_at, validity
 from . import gateways, policy
 from .codec import cert_der, cert_pem
 from .config import CAConfig, CAPaths
-from .errors import CAError, ConfigError, RevokedError, UnauthorizedError
+from .errors import CAError, ConfigError, NotFoundError, RevokedError, UnauthorizedError
 from .issuance import proven_key, server_names
-from .keystore import file_lock, load_private_key, write_atomic, write_private_key
+from .keystore import (check_private, encrypt_key, file_lock, load_private_key, load_private_key_pem, write_atomic,
+                       write_private_key)
 from .model import AuditEvent, CertStatus, GatewayStatus, Issued, serial_hex
 from .signer import generate_key
 from .timefmt import format_duration
@@ -165,6 +171,76 @@ async def renew_server_certificate(authority: "Authority", now: datetime | None 
     log.info("renewed the server certificate (%s) serial=%s not_after=%s", reason, serial_hex(issued.serial),
              issued.not_after.isoformat())
     return True
+
+
+# -- a service certificate kept with its key in one file, renewed when next used ----------------
+
+@dataclass(frozen=True)
+class KeyedCert:
+    """A service certificate and its private key. On disk: the certificate's PEM, then the key's
+    (encrypted with the CA passphrase), in one 0600 file replaced atomically, so a reader never
+    pairs a new certificate with an old key."""
+
+    certificate: x509.Certificate
+    key: object
+
+
+def read_keyed_certificate(path: Path, passphrase: bytes) -> KeyedCert | None:
+    """The pair in `path`, or None when there is none yet."""
+    if not path.exists():
+        return None
+    check_private(path)
+    data = path.read_bytes()
+    try:
+        cert = x509.load_pem_x509_certificates(data)[0]
+    except (ValueError, IndexError) as exc:
+        raise ConfigError(f"{path} holds no certificate") from exc
+    return KeyedCert(cert, load_private_key_pem(data, passphrase, str(path)))
+
+
+async def _keyed_due(authority: "Authority", current: KeyedCert | None, profile: str, now: datetime) -> str | None:
+    if current is None:
+        return "none yet"
+    cert = current.certificate
+    reason = renewal_reason(cert, authority.config.profile(profile).lifetime, now)
+    if reason:
+        return reason
+    try:
+        cert.verify_directly_issued_by(authority.issuer.certificate)
+    except (ValueError, TypeError, InvalidSignature):
+        return "issued by another issuing CA"
+    try:
+        record = await authority.certificate(cert.serial_number)
+    except NotFoundError:
+        return "not on file in the database"
+    if record.status is not CertStatus.GOOD:
+        return f"{record.status.value} in the database"
+    return None
+
+
+async def keyed_certificate(authority: "Authority", path: Path, profile: str,
+                            names: tuple[x509.Name, list[x509.GeneralName]], *, key_type: str, actor: str,
+                            now: datetime | None = None) -> KeyedCert:
+    """The pair in `path`, first renewed (new key, new certificate of `profile` with these subject
+    and SANs) when it is missing or due: past 2/3 of its validity or longer than the profile now
+    allows, revoked or on hold, or not issued by the current issuing CA. Of several processes
+    that find it due at once, one renews; the others read what it wrote."""
+    now = now or authority.now()
+    passphrase = authority.key_passphrase
+    current = read_keyed_certificate(path, passphrase)
+    if await _keyed_due(authority, current, profile, now) is None:
+        return current
+    async with file_lock(_lock_path(path, profile)):
+        current = read_keyed_certificate(path, passphrase)   # another process may have renewed meanwhile
+        reason = await _keyed_due(authority, current, profile, now)
+        if reason is None:
+            return current
+        key = await asyncio.to_thread(generate_key, key_type)
+        issued = await authority.issue_service(key.public_key(), profile, *names, actor=actor)
+        write_atomic(path, cert_pem(issued.certificate) + encrypt_key(key, passphrase), mode=0o600)
+    log.info("renewed the %s certificate (%s) serial=%s not_after=%s", profile, reason, serial_hex(issued.serial),
+             issued.not_after.isoformat())
+    return KeyedCert(issued.certificate, key)
 
 
 # -- the gateway's RA certificate, renewed over the RA API with its current one ------------------

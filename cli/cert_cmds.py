@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+from ca import views
 from ca.audit import verify_chain
 from ca.authority import Authority, operator
 from ca.codec import cert_pem, load_csr
@@ -81,12 +82,7 @@ async def issue(args) -> int:
 async def list_certs(args) -> int:
     async with await Authority.open(args.dir) as authority:
         records = await authority.certificates(args.device)
-    rows = [{
-        "serial": serial_hex(r.serial), "device_id": r.device_id, "profile": r.profile,
-        "not_before": to_rfc3339(r.not_before), "not_after": to_rfc3339(r.not_after), "status": r.status.value,
-        "revoked_at": to_rfc3339(r.revoked_at) if r.revoked_at else None,
-        "reason": r.reason.name if r.reason else None,
-    } for r in records]
+    rows = [views.cert_json(r) for r in records]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import secrets
 import shutil
 import signal
 import socket
@@ -28,6 +29,7 @@ from firmware_sim.connectivity import MODELS
 
 MARKER = ".iomtca-demo"
 REVOKED_DEVICE = "sim-00005"
+DEMO_OPERATOR = "demo-admin"
 
 
 def free_port() -> int:
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
     (data / MARKER).write_text("made by make demo; deleted by the next run\n")
     home = data / "ca"
     iomtca = str(Path(sys.executable).with_name("iomtca"))
-    est_port, http_port, mqtt_port = free_port(), free_port(), free_port()
+    est_port, http_port, mqtt_port, console_port = free_port(), free_port(), free_port(), free_port()
     est, broker = f"https://127.0.0.1:{est_port}", f"mqtt://127.0.0.1:{mqtt_port}"
     procs = Processes(data / "logs")
     try:
@@ -148,7 +150,17 @@ def main(argv=None) -> int:
         procs.start("mosquitto", ["mosquitto", "-c", str(data / "broker" / "mosquitto.conf")])
         wait_for_port(mqtt_port)
         procs.start("server", [iomtca, "serve", "--dir", str(home), "--listen", f"127.0.0.1:{est_port}",
-                               "--http-listen", f"127.0.0.1:{http_port}"], ready="listening")
+                               "--http-listen", f"127.0.0.1:{http_port}", "--console-listen",
+                               f"127.0.0.1:{console_port}"], ready="listening")
+        # a demo operator for the web console (the password on stdin, never on a command line)
+        console_password = secrets.token_urlsafe(12)
+        run([iomtca, "operator", "add", DEMO_OPERATOR, "--role", "admin", "--password-stdin", "--dir", str(home)],
+            input=console_password + "\n", stdout=subprocess.DEVNULL)
+        login_file = data / "console-login.txt"
+        login_file.write_text(f"https://127.0.0.1:{console_port}/\n{DEMO_OPERATOR}\n{console_password}\n")
+        login_file.chmod(0o600)
+        print(f"   console: https://127.0.0.1:{console_port}/  log in as {DEMO_OPERATOR} / {console_password} "
+              f"(the server certificate is issued by {home / 'root.pem'})", flush=True)
         print("== 3b. register the gateway at the CA, set it up in its own directory, run it", flush=True)
         gwdir = data / "gateway"
         added = json.loads(run([iomtca, "gateway", "add", "ward-gw", "--json", "--dir", str(home)],
@@ -176,7 +188,8 @@ def main(argv=None) -> int:
               "it revoked (verified OCSP over HTTP or the retained MQTT response)")
         print(f"\ndata: {data}\n  CA directory and database: {home}\n  gateway directory (no CA key): "
               f"{data / 'gateway'}\n  device folders (keys, certificates): "
-              f"{home / 'sim'}\n  logs: {data / 'logs'}\n  summary: {data / 'summary.json'}")
+              f"{home / 'sim'}\n  logs: {data / 'logs'}\n  summary: {data / 'summary.json'}\n"
+              f"  console login (while the demo runs): {data / 'console-login.txt'}")
         return 0 if code == 0 and seen else 1
     finally:
         procs.stop_all()

@@ -8,7 +8,9 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from ca import views
 from ca.approvals import ApprovalRequest
+from ca.assets import read_asset_csv
 from ca.authority import Authority, operator
 from ca.errors import BadRequestError
 from ca.keystore import write_atomic
@@ -18,8 +20,6 @@ from ca.timefmt import parse_duration, to_rfc3339, utc_now
 
 from .output import print_table
 
-REQUIRED_COLUMNS = ("device_id", "model", "owner")
-OPTIONAL_COLUMNS = ("location", "criticality", "firmware", "manufacturer", "serial_number", "udi", "asset_tag")
 
 
 def add_parsers(sub, common) -> None:
@@ -125,34 +125,11 @@ async def add(args) -> int:
 
 
 def parse_asset_csv(text: str) -> list[Device]:
-    """Validate every row before anything is imported; errors name the line."""
-    reader = csv.DictReader(io.StringIO(text))
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-        raise BadRequestError(f"line 1: missing column(s) {', '.join(missing)}; "
-                              f"expected {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)}")
-    extra = [c for c in header if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
-    if extra:
-        print(f"iomtca: ignoring column(s) {', '.join(extra)}", file=sys.stderr)
-    reader.fieldnames = header
-    devices, seen = [], {}
-    for row in reader:
-        line = reader.line_num
-        if None in row:
-            raise BadRequestError(f"line {line}: more fields than columns")
-        values = {k: (v or "").strip() for k, v in row.items() if k in REQUIRED_COLUMNS + OPTIONAL_COLUMNS}
-        try:
-            device = new_device(values.pop("device_id", ""), **values)
-        except BadRequestError as exc:
-            raise BadRequestError(f"line {line}: {exc}") from None
-        if device.id in seen:
-            raise BadRequestError(f"line {line}: device {device.id} already appears on line {seen[device.id]}")
-        seen[device.id] = line
-        devices.append(device)
-    if not devices:
-        raise BadRequestError("the file has no device rows")
-    return devices
+    """Validate every row before anything is imported; errors name the line (ca/assets.py)."""
+    assets = read_asset_csv(text)
+    if assets.ignored_columns:
+        print(f"iomtca: ignoring column(s) {', '.join(assets.ignored_columns)}", file=sys.stderr)
+    return assets.check()
 
 
 async def import_csv(args) -> int:
@@ -196,24 +173,7 @@ def _reported(d: Device) -> str:
     return f"{', '.join(parts)} (unverified)" if parts else ""
 
 
-def _device_json(d: Device, cert_expires: datetime | None) -> dict:
-    return {
-        "device_id": d.id, "model": d.model, "owner": d.owner, "location": d.location,
-        "criticality": d.criticality.value, "firmware": d.firmware, "manufacturer": d.manufacturer,
-        "serial_number": d.serial_number, "udi_di": d.udi_di, "udi_pi": d.udi_pi, "asset_tag": d.asset_tag,
-        "status": d.status.value,
-        "created_at": _ts(d.created_at),
-        # proven: a renewal, a signed posture or a mutual-TLS request with the device's current key
-        "last_proven_contact": _ts(d.last_proven_contact),
-        "posture_signed_at": _ts(d.posture_signed_at),
-        # reported by unsigned MQTT presence/posture: shown, never trusted
-        "reported_online": d.reported_online,
-        "reported_online_at": _ts(d.reported_online_at),
-        "reported_firmware": d.reported_firmware or None,
-        "reported_posture_at": _ts(d.reported_posture_at),
-        "clone_suspected_at": _ts(d.clone_suspected_at),
-        "cert_not_after": _ts(cert_expires),
-    }
+_device_json = views.device_json
 
 
 # `device show` labels: what is unverified says so

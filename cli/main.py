@@ -12,7 +12,7 @@ from ca.errors import CAError, ConfigError
 from common import logsafe
 from ca.signer import KEY_TYPES
 
-from . import cert_cmds, device_cmds, gateway_cmds, init_cmd, status_cmd
+from . import cert_cmds, device_cmds, gateway_cmds, init_cmd, operator_cmds, status_cmd
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 70
@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", parents=[common], help="run the EST server and the OCSP/CRL responder")
     p.add_argument("--listen", metavar="HOST:PORT", help="HTTPS listener (EST, RA API); default 127.0.0.1:8443")
     p.add_argument("--http-listen", metavar="HOST:PORT", help="plain-HTTP OCSP/CRL listener; default 127.0.0.1:8080")
+    p.add_argument("--console-listen", metavar="HOST:PORT",
+                   help="HTTPS listener of the web console and the admin API; default 127.0.0.1:8444 ([console] listen)")
     p.add_argument("--workers", metavar="N", type=_workers_arg,
                    help='worker processes sharing both listeners, or "auto" for one per CPU; default 1 '
                         "([enroll] workers)")
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     device_cmds.add_parsers(sub, common)
     gateway_cmds.add_parsers(sub, common)
     cert_cmds.add_parsers(sub, common)
+    operator_cmds.add_parsers(sub, common)
     status_cmd.add_parsers(sub, common)
     return parser
 
@@ -85,7 +88,8 @@ def _workers_arg(text: str) -> int:
 
 async def serve_cmd(args) -> int:
     from enroll.server import serve
-    return await serve(args.dir, listen=args.listen, http_listen=args.http_listen, workers=args.workers)
+    return await serve(args.dir, listen=args.listen, http_listen=args.http_listen,
+                       console_listen=args.console_listen, workers=args.workers)
 
 
 async def sim_cmd(args) -> int:

@@ -22,6 +22,7 @@ HTTP_STATUS = {
     "unauthorized": 401,
     "unknown_device": 401,       # an unknown Basic user is a failed login, as for any HTTP server
     "revoked": 403,
+    "forbidden": 403,            # an operator whose role may not (console and admin API)
     "posture_noncompliant": 403,
     "policy_violation": 403,
     "rate_limited": 429,

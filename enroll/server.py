@@ -27,6 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 from aiohttp import web
 
@@ -36,6 +37,9 @@ from ca.errors import CAError, ConfigError
 from ca.keystore import read_passphrase
 from common import logsafe
 from ca.service_certs import renew_at, renew_server_certificate, server_renewal_point
+
+from console.app import create_console_app
+from console.config import load_console_config
 
 from .app import create_app, create_responder_app
 from .channel_binding import exporter_available
@@ -55,14 +59,27 @@ RENEWAL_CHECK_MAX_S = 60.0
 RENEWAL_RETRY_S = 5.0
 
 
+class Listeners(NamedTuple):
+    """The listening sockets of each listener (one per address its host resolves to)."""
+
+    est: list[socket.socket]       # HTTPS: EST, the RA API
+    http: list[socket.socket]      # plain HTTP: OCSP and CRL
+    console: list[socket.socket]   # HTTPS: the web console and the admin API (console/)
+
+    def all(self) -> list[socket.socket]:
+        return self.est + self.http + self.console
+
+
 async def serve(home: Path, *, listen: str | None = None, http_listen: str | None = None,
-                workers: int | None = None) -> int:
+                console_listen: str | None = None, workers: int | None = None) -> int:
     """Run until SIGTERM/SIGINT. Returns the exit status (non-zero when a worker died)."""
     paths = CAPaths(Path(home))
     passphrase = read_passphrase(load_config(paths).passphrase_file)  # the one read of the passphrase
     config = load_enroll_config(paths)
     config = replace(config, listen=listen or config.listen, http_listen=http_listen or config.http_listen,
                      workers=workers or config.workers)
+    console_listen = console_listen or load_console_config(paths).listen
+    parse_listen(console_listen)
     ensure_descriptors(config.connections)   # refuse a connection limit this process could not keep
     # Opening the authority runs the migrations; the responder is rotated now if due (not on a
     # first request, and not by N workers at once).
@@ -70,21 +87,19 @@ async def serve(home: Path, *, listen: str | None = None, http_listen: str | Non
     try:
         await authority.responder()
         await _renew_server_certificate(authority, at_start=True)
-        est_socks = bind(config.listen)
-        http_socks = bind(config.http_listen)
+        listeners = Listeners(bind(config.listen), bind(config.http_listen), bind(console_listen))
     except BaseException:
         await authority.close()
         raise
-    urls = _url("https", est_socks[0]), _url("http", http_socks[0])
+    urls = (_url("https", listeners.est[0]), _url("http", listeners.http[0]), _url("https", listeners.console[0]))
     if config.workers == 1:
-        await run_worker(authority, config, est_socks, http_socks, index=0, duties=True,
-                         ready=lambda: _print_listening(*urls))
+        await run_worker(authority, config, listeners, index=0, duties=True, ready=lambda: _print_listening(*urls))
         return 0
     await authority.close()
     try:
-        return await _supervise(Path(home), config, passphrase, est_socks, http_socks, urls)
+        return await _supervise(Path(home), config, passphrase, listeners, urls)
     finally:
-        for sock in est_socks + http_socks:
+        for sock in listeners.all():
             sock.close()
 
 
@@ -126,15 +141,16 @@ def _url(scheme: str, sock: socket.socket) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-def _print_listening(est_url: str, ocsp_url: str) -> None:
-    # one machine-readable line: tests and scripts wait for it instead of sleeping
+def _print_listening(est_url: str, ocsp_url: str, console_url: str) -> None:
+    # machine-readable lines: tests and scripts wait for the first instead of sleeping
     print(f"iomtca serve: listening est={est_url} ocsp={ocsp_url}", flush=True)
+    print(f"iomtca serve: console={console_url}", flush=True)
 
 
 # -- one worker: the aiohttp applications on (possibly shared) listening sockets -------------------
 
-async def run_worker(authority: Authority, config: EnrollConfig, est_socks: list[socket.socket],
-                     http_socks: list[socket.socket], *, index: int, duties: bool, ready) -> None:
+async def run_worker(authority: Authority, config: EnrollConfig, listeners: Listeners, *, index: int,
+                     duties: bool, ready) -> None:
     """Serve until signalled. `duties`: this worker also runs the once-per-server background tasks."""
     publisher = Publisher(authority, cache_size=config.ocsp_cache_size, poll=config.status_poll)
     await publisher.start()
@@ -149,11 +165,16 @@ async def run_worker(authority: Authority, config: EnrollConfig, est_socks: list
     runners = []
     try:
         server_ctx = ServerContext(authority.paths, config, authority.key_passphrase)
-        tls_sites: list[SharedSocketSite] = []
-        for app, socks, ctx in (
-            (create_app(authority, config, publisher, keygen), est_socks, server_ctx.context),
-            (create_responder_app(authority, config, publisher), http_socks, None),
+        # the console asks for no client certificate (people log in); the same server certificate
+        console_ctx = ServerContext(authority.paths, config, authority.key_passphrase, client_certs=False)
+        tls_sites: dict[ServerContext, list[SharedSocketSite]] = {server_ctx: [], console_ctx: []}
+        for app, socks, tls in (
+            (create_app(authority, config, publisher, keygen), listeners.est, server_ctx),
+            (create_responder_app(authority, config, publisher), listeners.http, None),
+            (create_console_app(authority, load_console_config(authority.paths), config), listeners.console,
+             console_ctx),
         ):
+            ctx = tls.context if tls is not None else None
             # shutdown_timeout: long polls from the gateway must not hold up a stop for their 25 s
             runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0,
                                    access_log=log if log.isEnabledFor(logging.DEBUG) else None,
@@ -165,9 +186,9 @@ async def run_worker(authority: Authority, config: EnrollConfig, est_socks: list
             for sock in socks:
                 site = SharedSocketSite(runner, sock, ssl_context=ctx, counter=counter)
                 await site.start()
-                if ctx is not None:
-                    tls_sites.append(site)
-        certificates = _ServerCertificate(server_ctx, tls_sites, index)
+                if tls is not None:
+                    tls_sites[tls].append(site)
+        certificates = _ServerCertificate(tls_sites, index)
         tasks.append(asyncio.create_task(certificates.follow(), name="server-certificate-reload"))
         if duties:  # one renewal per due point, not one per worker
             tasks.append(asyncio.create_task(_renew_service_certificates(authority, certificates),
@@ -305,24 +326,31 @@ def _count_connections(server: web.Server, counter: ConnectionCounter) -> None:
 
 
 class _ServerCertificate:
-    """This worker's view of server.pem/server.key: polled, and swapped into its TLS sites."""
+    """This worker's view of server.pem/server.key: polled, and swapped into its TLS sites (each
+    TLS listener has its own context: the console's asks for no client certificate)."""
 
-    def __init__(self, ctx: ServerContext, sites: list[SharedSocketSite], index: int) -> None:
-        self._ctx, self._sites, self._index = ctx, sites, index
+    def __init__(self, sites: dict[ServerContext, list[SharedSocketSite]], index: int) -> None:
+        self._sites, self._index = sites, index
 
     def reload(self) -> bool:
-        context = self._ctx.reload()
-        if context is None:
+        reloaded = None
+        for ctx, sites in self._sites.items():
+            context = ctx.reload()
+            if context is None:
+                continue
+            for site in sites:
+                site.use_ssl_context(context)
+            reloaded = ctx
+        if reloaded is None:
             return False
-        for site in self._sites:
-            site.use_ssl_context(context)
         log.info("worker %d reloaded the server certificate serial=%x: new connections get it", self._index,
-                 self._ctx.serial or 0)
+                 reloaded.serial or 0)
         return True
 
     async def follow(self) -> None:
+        first = next(iter(self._sites))
         while True:
-            await asyncio.sleep(self._ctx.poll_interval())
+            await asyncio.sleep(first.poll_interval())
             try:
                 self.reload()
             except Exception:
@@ -392,17 +420,17 @@ async def _until_signalled() -> None:
 
 # -- the supervisor of several workers ------------------------------------------------------------
 
-async def _supervise(home: Path, config: EnrollConfig, passphrase: bytes, est_socks: list[socket.socket],
-                     http_socks: list[socket.socket], urls: tuple[str, str]) -> int:
+async def _supervise(home: Path, config: EnrollConfig, passphrase: bytes, listeners: Listeners,
+                     urls: tuple[str, str, str]) -> int:
     """Start the workers, print the listening line once all are up, stop them all on a signal.
     A worker that dies takes the server down with a non-zero status (no restart: see docs/EST.md)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    fds = [s.fileno() for s in est_socks + http_socks]
-    argv_tail = ["--dir", str(home), "--est-fds", ",".join(str(s.fileno()) for s in est_socks),
-                 "--http-fds", ",".join(str(s.fileno()) for s in http_socks),
+    fds = [s.fileno() for s in listeners.all()]
+    argv_tail = ["--dir", str(home), *[arg for name, socks in zip(("est", "http", "console"), listeners)
+                                       for arg in (f"--{name}-fds", ",".join(str(s.fileno()) for s in socks))],
                  "--log-level", str(logging.getLogger().getEffectiveLevel())]
     workers: list[asyncio.subprocess.Process] = []
     try:
@@ -493,15 +521,14 @@ async def _worker_main(args: argparse.Namespace, passphrase: bytes) -> None:
     paths = CAPaths(args.dir)
     config = load_enroll_config(paths)
     ensure_descriptors(config.connections)
-    socks = [[socket.socket(fileno=int(fd)) for fd in group.split(",") if fd] for group in (args.est_fds,
-                                                                                            args.http_fds)]
+    listeners = Listeners(*([socket.socket(fileno=int(fd)) for fd in group.split(",") if fd]
+                            for group in (args.est_fds, args.http_fds, args.console_fds)))
     authority = await Authority.open(args.dir, passphrase=passphrase)
 
     def ready() -> None:
         print(READY, flush=True)
 
-    await run_worker(authority, config, socks[0], socks[1], index=args.worker, duties=args.worker == 0,
-                     ready=ready)
+    await run_worker(authority, config, listeners, index=args.worker, duties=args.worker == 0, ready=ready)
 
 
 def worker_entry(argv: list[str] | None = None) -> int:
@@ -510,6 +537,7 @@ def worker_entry(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--est-fds", required=True)
     parser.add_argument("--http-fds", required=True)
+    parser.add_argument("--console-fds", required=True)
     parser.add_argument("--log-level", type=int, default=logging.INFO)
     args = parser.parse_args(argv)
     parent = os.getppid()

@@ -26,12 +26,18 @@ X509_V_FLAG_NO_CHECK_TIME = 0x200000
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM"
 
 
-def server_context(paths: CAPaths, config: EnrollConfig, passphrase: bytes) -> ssl.SSLContext:
+def server_context(paths: CAPaths, config: EnrollConfig, passphrase: bytes, *,
+                   client_certs: bool = True) -> ssl.SSLContext:
+    """`client_certs=False`: the console's listener, where people log in and no certificate is
+    asked for (a browser would offer its own to choose from)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(TLS12_CIPHERS)
     check_private(paths.server_key)   # the same 0600 rule as the CA keys
     ctx.load_cert_chain(paths.server_cert, paths.server_key, password=passphrase)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    if not client_certs:
+        return ctx
     # Client certificates: optional at the TLS layer; our root for device and RA certificates,
     # configured manufacturer roots for IDevID onboarding.
     ctx.verify_mode = ssl.CERT_OPTIONAL
@@ -40,7 +46,6 @@ def server_context(paths: CAPaths, config: EnrollConfig, passphrase: bytes) -> s
     if extra:
         ctx.load_verify_locations(cadata="".join(cert_pem(c).decode() for c in extra))
     ctx.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     return ctx
 
 
@@ -64,10 +69,11 @@ class ServerContext:
     is logged, and is tried again at the next call.
     """
 
-    def __init__(self, paths: CAPaths, config: EnrollConfig, passphrase: bytes) -> None:
+    def __init__(self, paths: CAPaths, config: EnrollConfig, passphrase: bytes, *, client_certs: bool = True) -> None:
         self._paths, self._config, self._passphrase = paths, config, passphrase
+        self._client_certs = client_certs
         self._stamp = _stamp(paths)
-        self.context = server_context(paths, config, passphrase)
+        self.context = server_context(paths, config, passphrase, client_certs=client_certs)
         self._failed_stamp: tuple | None = None
         self._note_certificate()
 
@@ -88,7 +94,7 @@ class ServerContext:
         if stamp == self._stamp:
             return None
         try:
-            context = server_context(self._paths, self._config, self._passphrase)
+            context = server_context(self._paths, self._config, self._passphrase, client_certs=self._client_certs)
         except (ssl.SSLError, OSError, CAError) as exc:
             if stamp != self._failed_stamp:   # once per state of the files, not at every poll
                 log.warning("server certificate changed on disk but does not load yet (%s); "

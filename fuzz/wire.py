@@ -7,8 +7,9 @@ A fresh CA directory (`iomtca init`), a gateway enrolled as an operator enrolls 
 the server on free loopback ports. Requests are drawn from a seeded generator: EST (simpleenroll,
 serverkeygen, simplereenroll, cacerts, csrattrs, with mutated bodies, content types, Basic headers
 and labels), the RA API with the RA certificate (single calls and the batch, mutated JSON and
-device ids), gateway enrollment, OCSP (POST and GET) and the CRL on the plain-HTTP listener, and
-random paths. Afterwards: counts per status, the 5xx (must be 0), tracebacks and ERROR lines in the
+device ids), gateway enrollment, OCSP (POST and GET) and the CRL on the plain-HTTP listener, the
+console's admin API (an engineer's API token, mutated tokens, query strings, ids and JSON bodies)
+and login form, and random paths. Afterwards: counts per status, the 5xx (must be 0), tracebacks and ERROR lines in the
 server's log (must be 0), and a real enrollment that must still work. Exit status 1 otherwise.
 `make fuzz` runs 100,000; the suite runs a few hundred (tests/fuzz/test_wire.py).
 """
@@ -99,22 +100,27 @@ class Fleet:
         _run("init", "--dir", str(self.home), "--base-url", "http://127.0.0.1:8080")
         config = self.home / "config.toml"
         text = config.read_text()
-        # one source sends everything here: the per-source failure limit would answer 429 to most of it
-        config.write_text(text.replace("[enroll]\n", "[enroll]\nsource_failures = 100000000\n", 1)
-                          if "[enroll]\n" in text else text + "\n[enroll]\nsource_failures = 100000000\n")
+        # one source sends everything here: the failure limits would answer 429 to most of it
+        limits = "source_failures = 100000000\ndevice_source_failures = 100000000\n"
+        config.write_text(text.replace("[enroll]\n", "[enroll]\n" + limits, 1)
+                          if "[enroll]\n" in text else text + "\n[enroll]\n" + limits)
         assets, tokens = work / "devices.csv", work / "tokens.csv"
         assets.write_text("device_id,model,owner\n" + "".join(f"fuzz-{i:03d},infusion-pump,icu\n" for i in range(DEVICES)))
         _run("device", "import", str(assets), "--tokens-out", str(tokens), "--dir", str(self.home))
         rows = [line.split(",") for line in tokens.read_text().splitlines()[1:]]
         self.tokens = {row[0]: row[1] for row in rows}
         assert len(self.tokens) == DEVICES, tokens.read_text()[:500]
-        self.est_port, self.http_port = free_port(), free_port()
+        self.est_port, self.http_port, self.console_port = free_port(), free_port(), free_port()
+        _run("operator", "add", "fuzz-engineer", "--role", "engineer", "--password-stdin", "--dir", str(self.home),
+             input="fuzz-engineer-password\n")
+        self.api_token = json.loads(_run("operator", "token", "fuzz-engineer", "--json", "--dir", str(self.home)))["token"]
         self.log_path = work / "serve.log"
 
     def start(self) -> subprocess.Popen:
         log = open(self.log_path, "w")
         proc = subprocess.Popen([IOMTCA, "serve", "--dir", str(self.home), "--listen", f"127.0.0.1:{self.est_port}",
-                                 "--http-listen", f"127.0.0.1:{self.http_port}"],
+                                 "--http-listen", f"127.0.0.1:{self.http_port}", "--console-listen",
+                                 f"127.0.0.1:{self.console_port}"],
                                 stdout=subprocess.PIPE, stderr=log, text=True)
         line = proc.stdout.readline()
         if "listening" not in line:
@@ -216,6 +222,37 @@ class Requests:
         path = base64.b64encode(der).decode()
         return "GET", f"{self.http}/ocsp/{m.text(path) if rng.random() < 0.3 else path}", {}, None, False
 
+    def console(self):
+        """The admin API with the engineer's token (or a mutated one), and the login form."""
+        rng, m = self.rng, self.m
+        base = f"https://127.0.0.1:{self.fleet.console_port}"
+        token = self.fleet.api_token if rng.random() < 0.85 else m.text(self.fleet.api_token)
+        headers = {"Authorization": f"Bearer {token}" if rng.random() < 0.95 else m.text("Bearer x")}
+        device = rng.choice(list(self.fleet.tokens))
+        if rng.random() < 0.2:
+            device = rng.choice([m.text(device), "%0aINJ", "a" * 200, "..", "dev%00x"])
+        roll = rng.random()
+        if roll < 0.45:
+            path = rng.choice(["/api/v1/devices?" + m.text("q=fuzz&limit=5&offset=1&status=active"),
+                               f"/api/v1/devices/{device}", "/api/v1/certificates?device=" + device,
+                               "/api/v1/audit?" + m.text("device=fuzz-001&limit=3"), "/api/v1/me",
+                               "/api/v1/changes?" + m.text("after=10&limit=7"), "/api/v1/approvals",
+                               "/api/v1/openapi.json", "/devices?" + m.text("q=a"), "/"])
+            return "GET", base + path, headers, None, False
+        if roll < 0.75:
+            rows = [{"device_id": f"fuzz-{rng.randrange(DEVICES + 20):03d}", "model": "infusion-pump", "owner": "icu",
+                     "location": m.text("bed 1")}]
+            body = json.dumps(m.json({"devices": rows}) if rng.random() < 0.7 else {"devices": rows}).encode()
+            headers["Content-Type"] = rng.choice(["application/json"] * 4 + ["text/csv", "x/y"])
+            return "POST", base + "/api/v1/devices/bulk", headers, m.bytes(body) if rng.random() < 0.2 else body, False
+        if roll < 0.9:
+            serial = m.text("%x" % rng.getrandbits(64))
+            headers["Content-Type"] = "application/json"
+            body = json.dumps(m.json({"reason": "keyCompromise"})).encode()
+            return "POST", f"{base}/api/v1/certificates/{serial}/" + rng.choice(["revoke", "hold", "release"]), headers, body, False
+        form = m.bytes(b"nonce=x&name=fuzz-engineer&password=fuzz-engineer-password")
+        return "POST", base + "/login", {"Content-Type": "application/x-www-form-urlencoded"}, form, False
+
     def other(self):
         rng, m = self.rng, self.m
         base = rng.choice([self.fleet.url, self.http])
@@ -244,7 +281,8 @@ class Requests:
         roll = self.rng.random()
         if roll < 0.03:
             return self.raw()
-        for share, make in ((0.4, self.est), (0.65, self.ra), (0.7, self.gateway_enroll), (0.92, self.ocsp)):
+        for share, make in ((0.36, self.est), (0.58, self.ra), (0.63, self.gateway_enroll), (0.8, self.ocsp),
+                            (0.93, self.console)):
             if roll < share:
                 return make()
         return self.other()

@@ -34,6 +34,7 @@ from tests.rakit import RACredential, enroll_ra
 BIN = Path(sys.executable).parent
 IOMTCA = BIN / "iomtca"
 READY_RE = re.compile(r"^iomtca serve: listening est=(https://\S+) ocsp=(http://\S+)$")
+CONSOLE_RE = re.compile(r"^iomtca serve: console=(https://\S+)$")
 READY_TIMEOUT = 30.0
 PEM_CERT_RE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n?", re.S)
 TRUST_DOMAIN = "iomt.local"
@@ -286,28 +287,30 @@ class Server:
         self.ca = ca
         self.log = ca.work / "serve.stderr"
         self.proc: subprocess.Popen | None = None
-        self.est = self.http = ""
+        self.est = self.http = self.console = ""
         self.allowed_500s = 0   # 500s a test asked to see (xfail tests of known bugs)
 
     def start(self) -> "Server":
         argv = [str(IOMTCA), "serve", "--dir", str(self.ca.home), "--listen", "127.0.0.1:0",
-                "--http-listen", "127.0.0.1:0"]
+                "--http-listen", "127.0.0.1:0", "--console-listen", "127.0.0.1:0"]
         with open(self.log, "wb") as err:
             self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
                                          env=env())
-        line = self._ready_line()
-        match = READY_RE.match(line)
-        if match is None:
+        line, console = self._ready_lines()
+        match, console_match = READY_RE.match(line), CONSOLE_RE.match(console)
+        if match is None or console_match is None:
             self.stop()
-            pytest.fail(f"unexpected first stdout line from iomtca serve: {line!r}\n{self.log_tail()}")
+            pytest.fail(f"unexpected stdout lines from iomtca serve: {line!r}, {console!r}\n{self.log_tail()}")
         self.est, self.http = match.group(1), match.group(2)
+        self.console = console_match.group(1)
         return self
 
-    def _ready_line(self) -> str:
+    def _ready_lines(self) -> tuple[str, str]:
+        """The listening line and the console line that follows it."""
         fd = self.proc.stdout.fileno()
         deadline = time.monotonic() + READY_TIMEOUT
         buf = b""
-        while b"\n" not in buf:
+        while buf.count(b"\n") < 2:
             left = deadline - time.monotonic()
             if left <= 0:
                 self.stop()
@@ -320,7 +323,8 @@ class Server:
                     pytest.fail(f"iomtca serve exited before listening (rc={self.proc.returncode})\n"
                                 f"{self.log_tail()}")
                 buf += chunk
-        return buf.split(b"\n", 1)[0].decode("utf-8", "replace")
+        first, second = buf.split(b"\n")[:2]
+        return first.decode("utf-8", "replace"), second.decode("utf-8", "replace")
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

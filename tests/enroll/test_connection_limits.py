@@ -201,7 +201,7 @@ def serve_refuses(ca, limits: str, preexec=None) -> str:
         assert LIMITS.strip() in text
         ca.home.joinpath("config.toml").write_text(text.replace(LIMITS.strip(), limits, 1))
         proc = subprocess.run([str(IOMTCA), "serve", "--dir", str(ca.home), "--listen", "127.0.0.1:0",
-                               "--http-listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60,
+                               "--http-listen", "127.0.0.1:0", "--console-listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60,
                               env=env(), preexec_fn=preexec)
     finally:
         ca.home.joinpath("config.toml").write_text(original)

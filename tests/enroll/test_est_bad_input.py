@@ -243,7 +243,7 @@ def test_a_failure_limit_that_is_no_count_is_refused(ca, setting):
         config.write_text(original + f"\n[enroll]\n{setting}\n" if "\n[enroll]" not in original
                           else original.replace("\n[enroll]\n", f"\n[enroll]\n{setting}\n", 1))
         proc = subprocess.run([str(IOMTCA), "serve", "--dir", str(ca.home), "--listen", "127.0.0.1:0",
-                               "--http-listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60, env=env())
+                               "--http-listen", "127.0.0.1:0", "--console-listen", "127.0.0.1:0"], capture_output=True, text=True, timeout=60, env=env())
     finally:
         config.write_text(original)
     assert proc.returncode != 0 and "must be a whole number" in proc.stderr, proc.stderr

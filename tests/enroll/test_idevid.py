@@ -503,7 +503,7 @@ def test_a_crl_setting_that_cannot_work_stops_the_server(bare_ca, makers, settin
     if crl is not None:
         (bare_ca.home / "maker-a.crl").write_bytes(crl)
     bare_ca.configure(setting)
-    out = run([IOMTCA, "serve", "--dir", bare_ca.home, "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"],
+    out = run([IOMTCA, "serve", "--dir", bare_ca.home, "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--console-listen", "127.0.0.1:0"],
               check=False, timeout=30)
     assert out.returncode != 0, out.stdout
     assert "listening" not in out.stdout

@@ -112,7 +112,7 @@ def test_two_workers_share_the_listener_and_every_certificate_is_stored(server):
 
 def start(home: Path, work: Path, name: str) -> tuple[Proc, list[int]]:
     proc = Proc(name, [IOMTCA, "serve", "--dir", home, "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0",
-                       "--workers", "2"], work)
+                       "--console-listen", "127.0.0.1:0", "--workers", "2"], work)
     proc.start(READY_RE, timeout=30)
     pids = worker_pids(proc.pid)
     assert len(pids) == 2, pids
@@ -134,8 +134,9 @@ def test_sigterm_stops_every_worker(own_ca):
         assert proc.wait(20) == 0, proc.stderr_tail()
         for pid in pids:
             wait_until(lambda: not Path(f"/proc/{pid}").exists(), 5, what=f"worker {pid} to be gone")
-        assert proc.stdout_text == [line for line in proc.stdout_text if READY_RE.match(line)]
-        assert len(proc.stdout_text) == 1, proc.stdout_text
+        # the supervisor's two lines, once (not once per worker): listening, then the console
+        assert len(proc.stdout_text) == 2 and READY_RE.match(proc.stdout_text[0]), proc.stdout_text
+        assert proc.stdout_text[1].startswith("iomtca serve: console=https://127.0.0.1:"), proc.stdout_text
         assert "Traceback" not in proc.stderr_text(), proc.stderr_tail()
     finally:
         proc.stop()

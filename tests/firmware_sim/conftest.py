@@ -102,7 +102,7 @@ class Stack:
 
     def start_server(self) -> None:
         self.server = Proc("serve", [IOMTCA, "serve", "--dir", self.home, "--listen", "127.0.0.1:0",
-                                     "--http-listen", f"127.0.0.1:{self.http_port}"], self.logs)
+                                     "--http-listen", f"127.0.0.1:{self.http_port}", "--console-listen", "127.0.0.1:0"], self.logs)
         match = self.server.start(SERVE_READY, timeout=30)
         self.est_url = match.group(1)
         assert match.group(2).rstrip("/") == self.ocsp_base

@@ -139,7 +139,7 @@ class CAServer:
     def __init__(self, home: Path, logs: Path) -> None:
         self.home = home
         self.proc = Proc("serve", [IOMTCA, "serve", "--dir", home, "--listen", "127.0.0.1:0",
-                                   "--http-listen", "127.0.0.1:0"], logs)
+                                   "--http-listen", "127.0.0.1:0", "--console-listen", "127.0.0.1:0"], logs)
         self.est_url = ""
         self.est_port = 0
         self.http_url = ""   # the OCSP/CRL listener

@@ -1,0 +1,196 @@
+"""The admin API under /api/v1: JSON for what the console shows and does, with the same roles
+(ca/operators.py), described by console/openapi.json (served at /api/v1/openapi.json).
+
+Every handler names the action it needs (`_operator(request, action)`) before it reads or
+writes anything; the core call that follows is the same one the CLI makes, with the operator
+as the audit actor (`operator:NAME:ROLE`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from aiohttp import web
+
+from ca import operators, views
+from ca.audit import verify_chain
+from ca.credentials import actor
+from ca.errors import BadRequestError, UnauthorizedError
+from ca.model import RevocationReason, parse_serial
+from common.ids import check_id
+
+from .state import AUTHORITY, OPERATOR
+
+OPENAPI = Path(__file__).with_name("openapi.json")
+MAX_PAGE = 500
+DEVICE_FILTERS = ("status", "owner", "model", "location", "criticality")
+
+
+def _operator(request: web.Request, action: str) -> operators.Operator:
+    op = request.get(OPERATOR)
+    if op is None:
+        raise UnauthorizedError("log in to the console, or send Authorization: Bearer with an operator API token")
+    operators.require(op, action)
+    return op
+
+
+def _actor(op: operators.Operator) -> str:
+    return actor(op.auth(), "")
+
+
+def _int(request: web.Request, name: str, default: int, high: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or not 0 <= int(text) <= high:
+        raise BadRequestError(f"query parameter {name!r} must be a whole number from 0 to {high}")
+    return int(text)
+
+
+async def _json_body(request: web.Request) -> dict:
+    if request.content_type != "application/json":
+        raise BadRequestError(f"Content-Type must be application/json, not {request.content_type or 'missing'}")
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequestError("the body is not JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequestError("the body must be a JSON object")
+    return body
+
+
+def match_devices(devices: list, query) -> list:
+    """The devices a filter selects: exact field matches and `q` (a substring of id, model,
+    owner, location, asset tag or serial number, any case)."""
+    for name in DEVICE_FILTERS:
+        want = query.get(name)
+        if want:
+            devices = [d for d in devices if str(getattr(d, name).value if hasattr(getattr(d, name), "value")
+                                                 else getattr(d, name)) == want]
+    text = (query.get("q") or "").strip().casefold()
+    if text:
+        devices = [d for d in devices if any(text in (v or "").casefold() for v in (
+            d.id, d.model, d.owner, d.location, d.asset_tag, d.serial_number))]
+    return devices
+
+
+async def device_rows(request: web.Request) -> tuple[list[dict], int]:
+    authority = request.app[AUTHORITY]
+    devices = match_devices(await authority.devices(), request.query)
+    expiry: dict[str, object] = {}
+    for record in await authority.certificates():
+        if record.device_id and record.status.value == "good":
+            if record.device_id not in expiry or record.not_after > expiry[record.device_id]:
+                expiry[record.device_id] = record.not_after
+    offset, limit = _int(request, "offset", 0, 10**9), _int(request, "limit", 100, MAX_PAGE)
+    page = devices[offset:offset + limit]
+    return [views.device_json(d, expiry.get(d.id)) for d in page], len(devices)
+
+
+async def me(request: web.Request) -> web.Response:
+    op = _operator(request, "read")
+    return web.json_response({"name": op.name, "role": op.role,
+                              "may": sorted(a for a in operators.ACTIONS if operators.allowed(op.role, a))})
+
+
+async def list_devices(request: web.Request) -> web.Response:
+    _operator(request, "read")
+    rows, total = await device_rows(request)
+    return web.json_response({"devices": rows, "total": total})
+
+
+async def get_device(request: web.Request) -> web.Response:
+    _operator(request, "read")
+    authority = request.app[AUTHORITY]
+    device = await authority.registry.get(check_id(request.match_info["device_id"]))
+    certs = await authority.certificates(device.id)
+    current = max((c.not_after for c in certs if c.status.value == "good"), default=None)
+    return web.json_response({"device": views.device_json(device, current),
+                              "certificates": [views.cert_json(c) for c in certs]})
+
+
+async def list_certificates(request: web.Request) -> web.Response:
+    _operator(request, "read")
+    device = request.query.get("device")
+    records = await request.app[AUTHORITY].certificates(check_id(device) if device else None)
+    return web.json_response({"certificates": [views.cert_json(r) for r in records]})
+
+
+async def revoke(request: web.Request) -> web.Response:
+    op = _operator(request, "cert.revoke")
+    body = await _json_body(request)
+    reason_name = body.get("reason", "unspecified")
+    if not isinstance(reason_name, str):
+        raise BadRequestError("field 'reason' must be a revocation reason such as keyCompromise")
+    reason = RevocationReason.parse(reason_name)
+    if reason is RevocationReason.certificateHold:   # a hold is its own action (cert.hold) and route
+        raise BadRequestError("certificateHold is a hold, not a revocation: POST .../hold")
+    serial = parse_serial(request.match_info["serial"])
+    record = await request.app[AUTHORITY].revoke(serial, reason, actor=_actor(op))
+    return web.json_response({"certificate": views.cert_json(record)})
+
+
+async def hold(request: web.Request) -> web.Response:
+    op = _operator(request, "cert.hold")
+    record = await request.app[AUTHORITY].hold(parse_serial(request.match_info["serial"]), actor=_actor(op))
+    return web.json_response({"certificate": views.cert_json(record)})
+
+
+async def release(request: web.Request) -> web.Response:
+    op = _operator(request, "cert.release")
+    record = await request.app[AUTHORITY].release(parse_serial(request.match_info["serial"]), actor=_actor(op))
+    return web.json_response({"certificate": views.cert_json(record)})
+
+
+async def list_approvals(request: web.Request) -> web.Response:
+    _operator(request, "read")
+    waiting = await request.app[AUTHORITY].pending_approvals()
+    return web.json_response({"approvals": [{
+        "device_id": r.device_id, "fingerprint": r.fingerprint, "key_type": r.key_type, "source": r.source,
+        "requested_at": views.ts(r.requested_at), "last_seen_at": views.ts(r.last_seen_at),
+        "state": "approved" if r.approved else "waiting"} for r in waiting]})
+
+
+async def approve(request: web.Request) -> web.Response:
+    op = _operator(request, "approval.decide")
+    body = await _json_body(request)
+    fingerprint = body.get("fingerprint")
+    if not isinstance(fingerprint, str):
+        raise BadRequestError("field 'fingerprint' (the key's SHA-256, as GET /api/v1/approvals lists it) is required")
+    device_id = check_id(request.match_info["device_id"])
+    approved = await request.app[AUTHORITY].approve(device_id, fingerprint, actor=_actor(op))
+    return web.json_response({"device_id": device_id, "fingerprint": approved.fingerprint,
+                              "key_type": approved.key_type})
+
+
+async def audit(request: web.Request) -> web.Response:
+    _operator(request, "read")
+    async with request.app[AUTHORITY].store.read() as tx:
+        rows = await tx.audit_rows()
+    problems = verify_chain(rows)
+    picked = [r for r in rows if all(
+        not request.query.get(k) or getattr(r, attr) == request.query[k]
+        for k, attr in (("device", "device_id"), ("actor", "actor"), ("action", "action")))]
+    limit = _int(request, "limit", 100, MAX_PAGE)
+    return web.json_response({
+        "entries": [views.audit_json(r) for r in reversed(picked[-limit:])] if limit else [],
+        "total": len(picked), "chain": {"intact": not problems, "problems": problems[:10],
+                                        "entries": len(rows), "head": rows[-1].hash if rows else None}})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=OPENAPI.read_bytes(), content_type="application/json")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/v1/openapi.json", openapi)
+    app.router.add_get("/api/v1/me", me)
+    app.router.add_get("/api/v1/devices", list_devices)
+    app.router.add_get("/api/v1/devices/{device_id}", get_device)
+    app.router.add_post("/api/v1/devices/{device_id}/approve", approve)
+    app.router.add_get("/api/v1/certificates", list_certificates)
+    app.router.add_post("/api/v1/certificates/{serial}/revoke", revoke)
+    app.router.add_post("/api/v1/certificates/{serial}/hold", hold)
+    app.router.add_post("/api/v1/certificates/{serial}/release", release)
+    app.router.add_get("/api/v1/approvals", list_approvals)
+    app.router.add_get("/api/v1/audit", audit)
