@@ -7,11 +7,11 @@ STAMP  := $(VENV)/.installed
 # Debian packages whose commands the tests use as independent judges or peers, and the peers and
 # load generators the benchmarks measure against (the suite runs `make bench QUICK=1`'s harness).
 DEB_TOOLS := openssl:openssl mosquitto:mosquitto mosquitto_pub:mosquitto-clients certtool:gnutls-bin \
-             ocsptool:gnutls-bin curl:curl cfssl:golang-cfssl wrk:wrk testssl:testssl.sh
+             ocsptool:gnutls-bin curl:curl cfssl:golang-cfssl wrk:wrk testssl:testssl.sh chromium:chromium
 BENCH_STAMP := $(VENV)/.bench-installed
 DEMO_DIR ?= demo-data
 
-.PHONY: test demo bench fuzz deps venv clean
+.PHONY: test demo bench fuzz screenshots deps venv clean
 
 venv: $(STAMP)
 
@@ -56,6 +56,10 @@ FUZZ_REQUESTS ?= 100000
 fuzz: venv deps
 	$(PY) -m fuzz.run --seconds $(FUZZ_SECONDS)
 	$(PY) -m fuzz.wire --requests $(FUZZ_REQUESTS)
+
+# the console's pages as the browser test sees them, into docs/CONSOLE.md's pictures
+screenshots: venv deps
+	IOMTCA_SCREENSHOTS=$(CURDIR)/docs/console $(PY) -m pytest -q -p no:cacheprovider tests/console/test_console_browser.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .hypothesis

@@ -72,8 +72,9 @@ async def import_csv(request: web.Request) -> web.Response:
     op = _operator(request, "device.write")
     form = await read_form(request)
     upload = form.get("file")
-    if upload is not None and not isinstance(upload, str) and upload.filename:
-        raw = upload.file.read(MAX_CSV + 1)
+    # a chosen file is a FileField; an empty file input arrives as bytes without a name
+    raw = upload.file.read(MAX_CSV + 1) if isinstance(upload, web.FileField) else b""
+    if raw:
         if len(raw) > MAX_CSV:
             raise BadRequestError(f"the file is over {MAX_CSV} bytes")
         try:

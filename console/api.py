@@ -112,7 +112,7 @@ async def get_device(request: web.Request) -> web.Response:
 async def list_certificates(request: web.Request) -> web.Response:
     _operator(request, "read")
     device = request.query.get("device")
-    records = await request.app[AUTHORITY].certificates(check_id(device) if device else None)
+    records = await request.app[AUTHORITY].certificates(check_id(device) if device is not None else None)
     return web.json_response({"certificates": [views.cert_json(r) for r in records]})
 
 
@@ -165,6 +165,8 @@ async def approve(request: web.Request) -> web.Response:
 
 async def audit(request: web.Request) -> web.Response:
     _operator(request, "read")
+    if "device" in request.query:
+        check_id(request.query["device"])
     async with request.app[AUTHORITY].store.read() as tx:
         rows = await tx.audit_rows()
     problems = verify_chain(rows)

@@ -10,7 +10,7 @@ import jinja2
 from aiohttp import web
 
 from ca.authority import Authority
-from ca.errors import CAError, ConflictError, ForbiddenError, NotFoundError, UnauthorizedError
+from ca.errors import CAError, ConflictError, ForbiddenError, NotFoundError, UnauthorizedError, UnknownDeviceError
 from enroll.config import EnrollConfig
 from enroll.middleware import HTTP_STATUS, body_deadline
 
@@ -27,7 +27,8 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # not no-referrer: under it a browser sends "Origin: null" with a form POST, which the CSRF check refuses
+    "Referrer-Policy": "same-origin",
     "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
     "Strict-Transport-Security": "max-age=31536000",
@@ -36,7 +37,9 @@ MAX_BODY = 2 * 1024 * 1024   # a CSV import of a few thousand devices
 
 
 def status_of(exc: CAError) -> int:
-    if isinstance(exc, NotFoundError):
+    """As the EST edge maps codes (enroll/middleware.py), but for logged-in operators: an unknown
+    device or serial is 404 here (a stranger's unknown device id is a failed login there)."""
+    if isinstance(exc, (NotFoundError, UnknownDeviceError)):
         return 404
     if isinstance(exc, ConflictError):
         return 409
@@ -79,9 +82,10 @@ async def errors(request: web.Request, handler):
         return pages.error_page(request, status, exc.message)
     except web.HTTPException as exc:
         if is_api(request) and exc.status >= 400:
+            kept = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}   # 405's Allow
             return web.json_response({"code": "bad_request" if exc.status < 500 else "internal",
                                       "message": (exc.text or exc.reason).strip(), "retry_after": None},
-                                     status=exc.status)
+                                     status=exc.status, headers=kept)
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)

@@ -2,7 +2,8 @@
 a bulk upsert of devices (JSON or CSV) with one result per row, and a feed of changes since a
 cursor (the audit log's entry ids, so the feed and the audit trail cannot disagree).
 
-Upsert: a row naming an unregistered device registers it (its one-time token is in that row's
+The request's shape is checked whole (a JSON list of objects of strings; a CSV with its header
+row): a malformed request is a 400 and nothing is applied. Then upsert: a row naming an unregistered device registers it (its one-time token is in that row's
 result, once); a row naming a registered device changes the editable fields whose value differs
 (audited as `device_edited`, field by field); a row that changes nothing is `unchanged`. Rows
 are independent: a bad row is reported and the others still apply, each in its own transaction.
@@ -41,7 +42,10 @@ def _rows_from_json(body: bytes) -> list[tuple[int, dict]]:
     rows = doc.get("devices") if isinstance(doc, dict) else None
     if not isinstance(rows, list) or not 0 < len(rows) <= MAX_ROWS:
         raise BadRequestError(f"field 'devices' must be a list of 1 to {MAX_ROWS} objects")
-    return [(i, r) for i, r in enumerate(rows)]
+    for i, row in enumerate(rows):   # the request's shape is checked whole; each row's content, row by row
+        if not isinstance(row, dict) or not all(isinstance(v, str) for v in row.values()):
+            raise BadRequestError(f"devices[{i}] must be an object of string fields; nothing was applied")
+    return list(enumerate(rows))
 
 
 async def _upsert_row(authority, row: object, existing: dict, actor: str) -> dict:
@@ -121,5 +125,5 @@ async def changes(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/api/v1/devices/bulk", bulk_upsert)
+    app.router.add_post("/api/v1/bulk/devices", bulk_upsert)
     app.router.add_get("/api/v1/changes", changes)

@@ -244,7 +244,7 @@ class Requests:
                      "location": m.text("bed 1")}]
             body = json.dumps(m.json({"devices": rows}) if rng.random() < 0.7 else {"devices": rows}).encode()
             headers["Content-Type"] = rng.choice(["application/json"] * 4 + ["text/csv", "x/y"])
-            return "POST", base + "/api/v1/devices/bulk", headers, m.bytes(body) if rng.random() < 0.2 else body, False
+            return "POST", base + "/api/v1/bulk/devices", headers, m.bytes(body) if rng.random() < 0.2 else body, False
         if roll < 0.9:
             serial = m.text("%x" % rng.getrandbits(64))
             headers["Content-Type"] = "application/json"

@@ -23,27 +23,32 @@ def ca(srv):
 def test_bulk_upsert_creates_updates_and_reports_each_row(srv, ca, tokens):
     new, old = ca.unique("pump"), ca.unique("pump")
     ca.add_device(old)
-    reply = post_json(srv, "/api/v1/devices/bulk", {"devices": [
+    reply = post_json(srv, "/api/v1/bulk/devices", {"devices": [
         {"device_id": new, "model": "infusion-pump", "owner": "icu", "location": "bed 1"},
         {"device_id": old, "model": "infusion-pump", "owner": "icu", "location": "bed 2"},
         {"device_id": old, "model": "infusion-pump", "owner": "icu"},
         {"device_id": "bad id", "model": "x", "owner": "y"},
         {"device_id": ca.unique("pump"), "model": "x", "owner": "y", "colour": "red"},
         {"device_id": ca.unique("pump"), "location": "no model, no owner"},
-        "not an object",
     ]}, token=tokens["engineer"])
     assert reply.status == 200, reply
     results = reply.json()["results"]
-    assert [r["status"] for r in results] == ["created", "updated"] + ["error"] * 5, results
+    assert [r["status"] for r in results] == ["created", "updated"] + ["error"] * 4, results
     assert results[0]["token"] and results[1]["changed"] == ["location"]
     assert "twice" in results[2]["message"] and "colour" in results[4]["message"]
-    assert "needs model and owner" in results[5]["message"] and "object" in results[6]["message"]
-    assert reply.json()["counts"] == {"created": 1, "updated": 1, "unchanged": 0, "error": 5}
+    assert "needs model and owner" in results[5]["message"]
+    assert reply.json()["counts"] == {"created": 1, "updated": 1, "unchanged": 0, "error": 4}
+    # a request of the wrong shape is refused whole: nothing of it applied
+    late = ca.unique("pump")
+    malformed = post_json(srv, "/api/v1/bulk/devices", {"devices": [
+        {"device_id": late, "model": "m", "owner": "o"}, "not an object"]}, token=tokens["engineer"])
+    assert malformed.status == 400 and "devices[1]" in malformed.json()["message"], malformed
+    assert api(srv, f"/api/v1/devices/{late}", token=tokens["auditor"]).status == 404
     assert ca.device(old)["location"] == "bed 2" and ca.device(new)["location"] == "bed 1"
     # the token of the created row enrolls the device
     issued = srv.enroll(new, results[0]["token"])
     ca.openssl_verify(issued.cert_path)
-    again = post_json(srv, "/api/v1/devices/bulk", {"devices": [
+    again = post_json(srv, "/api/v1/bulk/devices", {"devices": [
         {"device_id": old, "model": "infusion-pump", "owner": "icu", "location": "bed 2"}]}, token=tokens["engineer"])
     assert again.json()["results"][0]["status"] == "unchanged"
 
@@ -52,8 +57,8 @@ def test_bulk_upsert_from_csv_names_lines_and_needs_the_engineer_role(srv, ca, t
     ids = [ca.unique("mon") for _ in range(2)]
     body = f"device_id,model,owner,criticality\n{ids[0]},monitor,ward-3,high\n{ids[1]},monitor,ward-3,extreme\n"
     args = ("-X", "POST", "-H", "Content-Type: text/csv", "--data-binary", body)
-    assert api(srv, "/api/v1/devices/bulk", *args, token=tokens["auditor"]).status == 403
-    reply = api(srv, "/api/v1/devices/bulk", *args, token=tokens["engineer"])
+    assert api(srv, "/api/v1/bulk/devices", *args, token=tokens["auditor"]).status == 403
+    reply = api(srv, "/api/v1/bulk/devices", *args, token=tokens["engineer"])
     assert reply.status == 200, reply
     results = reply.json()["results"]
     assert [(r["line"], r["status"]) for r in results] == [(2, "created"), (3, "error")], results
