@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -25,12 +26,30 @@ def token_digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8")).digest()
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+TEXT_LIMITS = {"model": 200, "owner": 200, "location": 200, "firmware": 64, "manufacturer": 200,
+               "serial_number": 200, "asset_tag": 200}
+
+
+def check_text_fields(values: dict[str, str]) -> None:
+    """A registry text field holds no control character (C0, DEL, C1: line breaks, escapes) and is
+    bounded (an asset list or a form cannot store a megabyte in one): the same rule at registration
+    and at every edit, and the one console/openapi.json states."""
+    for name, limit in TEXT_LIMITS.items():
+        value = values.get(name)
+        if value is not None and (len(value) > limit or _CONTROL.search(value)):
+            raise BadRequestError(f"{name} must be text of at most {limit} characters without control characters")
+
+
 def new_device(
     device_id: str, *, model: str, owner: str, location: str = "", criticality: str = "medium",
     firmware: str = "", manufacturer: str = "", serial_number: str = "", udi: str = "", asset_tag: str = "",
 ) -> Device:
     """Validate operator input into a Device (BadRequestError names the bad field)."""
     check_device_id(device_id)
+    check_text_fields({"model": model.strip(), "owner": owner.strip(), "location": location.strip(),
+                       "firmware": firmware.strip(), "manufacturer": manufacturer.strip(),
+                       "serial_number": serial_number.strip(), "asset_tag": asset_tag.strip()})
     if not model.strip():
         raise BadRequestError("model is required")
     if not owner.strip():
@@ -60,8 +79,7 @@ def edited_fields(device: Device, changes: dict[str, str]) -> dict[str, str]:
     for required in ("model", "owner"):
         if required in values and not values[required]:
             raise BadRequestError(f"{required} cannot be empty")
-    if "firmware" in values and (len(values["firmware"]) > 64 or not values["firmware"].isprintable()):
-        raise BadRequestError("firmware must be a printable string of at most 64 characters")
+    check_text_fields(values)
     if "criticality" in values:
         try:
             values["criticality"] = Criticality(values["criticality"].lower()).value

@@ -16,7 +16,9 @@ from ca import operators, views
 from ca.audit import verify_chain
 from ca.credentials import actor
 from ca.errors import BadRequestError, UnauthorizedError
-from ca.model import RevocationReason, parse_serial
+from ca.model import RevocationReason, parse_serial, serial_hex
+from ca.registry import EDITABLE, new_device
+from ca.timefmt import parse_duration
 from common.ids import check_id
 
 from .state import AUTHORITY, OPERATOR
@@ -24,6 +26,7 @@ from .state import AUTHORITY, OPERATOR
 OPENAPI = Path(__file__).with_name("openapi.json")
 MAX_PAGE = 500
 DEVICE_FILTERS = ("status", "owner", "model", "location", "criticality")
+REGISTER_FIELDS = ("device_id",) + EDITABLE
 
 
 def _operator(request: web.Request, action: str) -> operators.Operator:
@@ -59,9 +62,25 @@ async def _json_body(request: web.Request) -> dict:
     return body
 
 
-def match_devices(devices: list, query) -> list:
-    """The devices a filter selects: exact field matches and `q` (a substring of id, model,
-    owner, location, asset tag or serial number, any case)."""
+def _duration(query, name: str):
+    text = query.get(name)
+    if not text:
+        return None
+    try:
+        return parse_duration(text)
+    except BadRequestError:
+        raise BadRequestError(f"query parameter {name!r} must be a duration such as 24h or 7d") from None
+
+
+def match_devices(devices: list, query, expiry: dict | None = None, now=None) -> list:
+    """The devices a filter selects: exact field matches, `q` (a substring of id, model, owner,
+    location, asset tag or serial number, any case), `expiring=7d` (the current certificate ends
+    within that) and `absent=3d` (no proven contact for that long, or never)."""
+    expiring, absent = _duration(query, "expiring"), _duration(query, "absent")
+    if expiring is not None:
+        devices = [d for d in devices if (expiry or {}).get(d.id) is not None and expiry[d.id] <= now + expiring]
+    if absent is not None:
+        devices = [d for d in devices if d.last_proven_contact is None or d.last_proven_contact < now - absent]
     for name in DEVICE_FILTERS:
         want = query.get(name)
         if want:
@@ -74,16 +93,17 @@ def match_devices(devices: list, query) -> list:
     return devices
 
 
-async def device_rows(request: web.Request) -> tuple[list[dict], int]:
+async def device_rows(request: web.Request, *, paged: bool = True) -> tuple[list[dict], int]:
     authority = request.app[AUTHORITY]
-    devices = match_devices(await authority.devices(), request.query)
+    now = authority.now()
     expiry: dict[str, object] = {}
     for record in await authority.certificates():
-        if record.device_id and record.status.value == "good":
+        if record.device_id and record.status.value == "good" and record.not_after > now:
             if record.device_id not in expiry or record.not_after > expiry[record.device_id]:
                 expiry[record.device_id] = record.not_after
+    devices = match_devices(await authority.devices(), request.query, expiry, now)
     offset, limit = _int(request, "offset", 0, 10**9), _int(request, "limit", 100, MAX_PAGE)
-    page = devices[offset:offset + limit]
+    page = devices[offset:offset + limit] if paged else devices
     return [views.device_json(d, expiry.get(d.id)) for d in page], len(devices)
 
 
@@ -107,6 +127,68 @@ async def get_device(request: web.Request) -> web.Response:
     current = max((c.not_after for c in certs if c.status.value == "good"), default=None)
     return web.json_response({"device": views.device_json(device, current),
                               "certificates": [views.cert_json(c) for c in certs]})
+
+
+def _token_json(tok) -> dict:
+    return {"device_id": tok.device_id, "token": tok.secret, "expires_at": views.ts(tok.expires_at)}
+
+
+def _string_fields(body: dict, allowed: tuple[str, ...]) -> dict[str, str]:
+    unknown = set(body) - set(allowed)
+    if unknown:
+        raise BadRequestError(f"unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(allowed)}")
+    if not all(isinstance(v, str) for v in body.values()):
+        raise BadRequestError("every field must be a string")
+    return {k: v.strip() for k, v in body.items()}
+
+
+async def register_device(request: web.Request) -> web.Response:
+    """One device, as `iomtca device add`: its one-time token in the answer, once."""
+    op = _operator(request, "device.write")
+    values = _string_fields(await _json_body(request), REGISTER_FIELDS)
+    missing = [f for f in ("device_id", "model", "owner") if not values.get(f)]
+    if missing:
+        raise BadRequestError(f"field(s) {', '.join(missing)} required")
+    device_id = values.pop("device_id")
+    token = await request.app[AUTHORITY].registry.add(new_device(device_id, **values), actor=_actor(op))
+    return web.json_response(_token_json(token), status=201)
+
+
+async def edit_device(request: web.Request) -> web.Response:
+    op = _operator(request, "device.write")
+    wanted = _string_fields(await _json_body(request), EDITABLE)
+    if not wanted:
+        raise BadRequestError(f"give at least one field to change: {', '.join(EDITABLE)}")
+    authority = request.app[AUTHORITY]
+    device = await authority.registry.get(check_id(request.match_info["device_id"]))
+    current = views.editable_values(device)
+    changes = {k: v for k, v in wanted.items() if v != current.get(k)}
+    if changes:   # a PATCH that changes nothing is answered with the device as it is (idempotent)
+        device = await authority.edit_device(device.id, changes, actor=_actor(op))
+    return web.json_response({"device": views.device_json(device, None)})
+
+
+async def new_token(request: web.Request) -> web.Response:
+    op = _operator(request, "device.write")
+    token = await request.app[AUTHORITY].registry.new_token(check_id(request.match_info["device_id"]), actor=_actor(op))
+    return web.json_response(_token_json(token))
+
+
+async def decommission(request: web.Request) -> web.Response:
+    op = _operator(request, "device.write")
+    revoked = await request.app[AUTHORITY].decommission(check_id(request.match_info["device_id"]), actor=_actor(op))
+    return web.json_response({"revoked": [serial_hex(s) for s in revoked]})
+
+
+async def reject(request: web.Request) -> web.Response:
+    op = _operator(request, "approval.decide")
+    body = await _json_body(request)
+    fingerprint = body.get("fingerprint")
+    if fingerprint is not None and not isinstance(fingerprint, str):
+        raise BadRequestError("field 'fingerprint' must be a string (or absent: every waiting key)")
+    dropped = await request.app[AUTHORITY].reject_approval(check_id(request.match_info["device_id"]), fingerprint,
+                                                           actor=_actor(op))
+    return web.json_response({"rejected": [r.fingerprint for r in dropped]})
 
 
 async def list_certificates(request: web.Request) -> web.Response:
@@ -170,14 +252,20 @@ async def audit(request: web.Request) -> web.Response:
     async with request.app[AUTHORITY].store.read() as tx:
         rows = await tx.audit_rows()
     problems = verify_chain(rows)
-    picked = [r for r in rows if all(
-        not request.query.get(k) or getattr(r, attr) == request.query[k]
-        for k, attr in (("device", "device_id"), ("actor", "actor"), ("action", "action")))]
+    picked = audit_matches(rows, request.query)
     limit = _int(request, "limit", 100, MAX_PAGE)
     return web.json_response({
         "entries": [views.audit_json(r) for r in reversed(picked[-limit:])] if limit else [],
         "total": len(picked), "chain": {"intact": not problems, "problems": problems[:10],
                                         "entries": len(rows), "head": rows[-1].hash if rows else None}})
+
+
+AUDIT_FILTERS = (("device", "device_id"), ("actor", "actor"), ("action", "action"))
+
+
+def audit_matches(rows: list, query) -> list:
+    """The entries a filter selects: `device`, `actor` and `action` each equal when given."""
+    return [r for r in rows if all(not query.get(k) or getattr(r, attr) == query[k] for k, attr in AUDIT_FILTERS)]
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -188,8 +276,13 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/openapi.json", openapi)
     app.router.add_get("/api/v1/me", me)
     app.router.add_get("/api/v1/devices", list_devices)
+    app.router.add_post("/api/v1/devices", register_device)
     app.router.add_get("/api/v1/devices/{device_id}", get_device)
+    app.router.add_patch("/api/v1/devices/{device_id}", edit_device)
+    app.router.add_post("/api/v1/devices/{device_id}/token", new_token)
+    app.router.add_post("/api/v1/devices/{device_id}/decommission", decommission)
     app.router.add_post("/api/v1/devices/{device_id}/approve", approve)
+    app.router.add_post("/api/v1/devices/{device_id}/reject", reject)
     app.router.add_get("/api/v1/certificates", list_certificates)
     app.router.add_post("/api/v1/certificates/{serial}/revoke", revoke)
     app.router.add_post("/api/v1/certificates/{serial}/hold", hold)

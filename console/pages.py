@@ -3,6 +3,9 @@ A page shows only the actions the operator's role allows; the server checks the 
 every request (console/api.py's `_operator`, the same rule table)."""
 from __future__ import annotations
 
+import csv
+import io
+import urllib.parse
 from collections import Counter
 from datetime import timedelta
 
@@ -11,9 +14,10 @@ from aiohttp import web
 from ca import operators, views
 from ca.audit import verify_chain
 from ca.errors import UnauthorizedError
+from ca.timefmt import from_rfc3339
 from common.ids import check_id
 
-from . import api, auth
+from . import api, auth, charts
 from .state import AUTHORITY, OPERATOR, SESSION, TEMPLATES
 
 
@@ -82,18 +86,61 @@ async def overview(request: web.Request) -> web.Response:
     soon = {label: sorted(d for d, t in current.items() if t <= now + delta)
             for label, delta in (("24 h", timedelta(hours=24)), ("7 d", timedelta(days=7)))}
     waiting = [r for r in await authority.pending_approvals() if not r.approved]
-    return render(request, "overview.html",
+    async with authority.store.read() as tx:
+        rows = await tx.audit_rows()
+    since = now - timedelta(days=7)
+    # device certificates only: service certificates (server, OCSP, evidence) are audited as issued too
+    issued = {a: [t for r in rows if r.action == a and r.device_id and (t := from_rfc3339(r.at)) >= since]
+              for a in ("certificate_issued", "certificate_renewed")}
+    holds = sorted({c.device_id for c in certs if c.device_id and c.status.value == "hold" and c.not_after > now})
+    flagged = sorted({r.device_id for r in rows if r.action in ("device_absent_flagged", "certificate_held_absent")
+                      and r.device_id} - {r.device_id for r in rows if r.action == "device_returned"})
+    refusals = [views.audit_json(r) for r in rows if r.action == "posture_refused" and from_rfc3339(r.at) >= since]
+    return render(request, "overview.html", holds=holds, flagged=flagged, refusals=refusals[-20:],
+                  refusal_count=len(refusals),
+                  expiry_chart=charts.expiry_chart(current.values(), now),
+                  activity_chart=charts.activity_chart(issued["certificate_issued"], issued["certificate_renewed"], now),
                   device_status=sorted(Counter(d.status.value for d in devices).items()),
                   cert_status=sorted(Counter(c.status.value for c in certs if c.device_id).items()),
                   expiring=soon, waiting=len(waiting), clones=[d.id for d in devices if d.clone_suspected_at],
                   total=len(devices))
 
 
+PAGE_SIZE = 50
+CSV_FIELDS = ("device_id", "model", "owner", "location", "criticality", "status", "manufacturer", "serial_number",
+              "udi_di", "udi_pi", "asset_tag", "firmware", "cert_not_after", "last_proven_contact",
+              "reported_firmware", "reported_online_at")
+
+
+def _query_without(query, *names: str) -> str:
+    return urllib.parse.urlencode([(k, v) for k, v in query.items() if k not in names and v])
+
+
 async def devices_page(request: web.Request) -> web.Response:
     api._operator(request, "read")
-    rows, total = await api.device_rows(request)
-    return render(request, "devices.html", rows=rows, total=total, query=request.query,
-                  filters=api.DEVICE_FILTERS)
+    query = request.query.copy()
+    query.setdefault("limit", str(PAGE_SIZE))
+    rows, total = await api.device_rows(request.clone(rel_url=request.rel_url.with_query(query)))
+    offset, limit = int(query.get("offset", "0") or 0), int(query["limit"] or PAGE_SIZE)
+    base = _query_without(query, "offset")
+    pages = {"previous": f"?{base}&offset={max(offset - limit, 0)}" if offset > 0 else None,
+             "next": f"?{base}&offset={offset + limit}" if offset + limit < total else None,
+             "first": offset + 1 if rows else 0, "last": offset + len(rows)}
+    return render(request, "devices.html", rows=rows, total=total, query=request.query, filters=api.DEVICE_FILTERS,
+                  pages=pages, csv_query=_query_without(query, "offset", "limit"))
+
+
+async def devices_csv(request: web.Request) -> web.Response:
+    """The devices of the current filter as CSV (all of them, not one page)."""
+    api._operator(request, "export")
+    rows, _ = await api.device_rows(request, paged=False)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:   # a cell a spreadsheet would run as a formula is quoted
+        writer.writerow({k: ("'" + v if isinstance(v, str) and v[:1] in "=+-@" else v) for k, v in row.items()})
+    return web.Response(text=out.getvalue(), content_type="text/csv",
+                        headers={"Content-Disposition": 'attachment; filename="devices.csv"'})
 
 
 async def device_page(request: web.Request) -> web.Response:
@@ -104,8 +151,9 @@ async def device_page(request: web.Request) -> web.Response:
     current = max((c.not_after for c in certs if c.status.value == "good"), default=None)
     async with authority.store.read() as tx:
         entries = [views.audit_json(r) for r in await tx.audit_rows() if r.device_id == device.id]
-    return render(request, "device.html", device=views.device_json(device, current),
-                  certs=[views.cert_json(c) for c in certs], entries=list(reversed(entries[-50:])))
+    shown = [views.cert_json(c) for c in certs]
+    return render(request, "device.html", device=views.device_json(device, current), certs=shown,
+                  timeline=charts.certificate_timeline(shown, authority.now()), entries=list(reversed(entries[-50:])))
 
 
 async def approvals_page(request: web.Request) -> web.Response:
@@ -119,9 +167,11 @@ async def audit_page(request: web.Request) -> web.Response:
     async with request.app[AUTHORITY].store.read() as tx:
         rows = await tx.audit_rows()
     problems = verify_chain(rows)
-    return render(request, "audit.html", entries=[views.audit_json(r) for r in reversed(rows[-200:])],
+    picked = api.audit_matches(rows, request.query)
+    return render(request, "audit.html", entries=[views.audit_json(r) for r in reversed(picked[-200:])],
                   intact=not problems, problems=problems[:10], head=rows[-1].hash if rows else None,
-                  count=len(rows))
+                  count=len(rows), matched=len(picked), query=request.query,
+                  actions=sorted({r.action for r in rows}))
 
 
 def add_routes(app: web.Application) -> None:
@@ -130,6 +180,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/logout", logout)
     app.router.add_get("/", overview)
     app.router.add_get("/devices", devices_page)
+    app.router.add_get("/devices.csv", devices_csv)
     app.router.add_get("/devices/{device_id}", device_page)
     app.router.add_get("/approvals", approvals_page)
     app.router.add_get("/audit", audit_page)

@@ -171,6 +171,8 @@ def test_login_sets_a_strict_session_cookie_and_a_wrong_password_says_no_more(sr
     assert not any(f.startswith("domain") for f in flags)
     overview = b.get("/")
     assert overview.status == 200 and "op-auditor (auditor)" in overview.text
+    assert overview.text.count('<svg xmlns="http://www.w3.org/2000/svg" role="img"') == 2   # the two charts
+    assert "Certificate expiries per day" in overview.text and "Enrollments and renewals per hour" in overview.text
 
 
 def test_a_cookie_post_needs_the_csrf_token_and_the_same_origin(srv, ca, tokens):
@@ -234,3 +236,25 @@ def test_the_openapi_document_is_served_and_names_every_api_route(srv):
               if r.method != "HEAD" and r.resource.canonical.startswith("/api/")}
     documented = {(m, p) for p, ops in json.loads(OPENAPI.read_text())["paths"].items() for m in ops}
     assert routes == documented
+
+
+def test_an_engineer_registers_edits_renews_the_token_and_decommissions_through_the_api(srv, ca, tokens):
+    device = ca.unique("api-pump")
+    made = post_json(srv, "/api/v1/devices", {"device_id": device, "model": "infusion-pump", "owner": "icu"},
+                     token=tokens["engineer"])
+    assert made.status == 201 and made.json()["token"], made
+    assert post_json(srv, "/api/v1/devices", {"device_id": device, "model": "x", "owner": "y"},
+                     token=tokens["engineer"]).status == 409
+    assert post_json(srv, "/api/v1/devices", {"device_id": ca.unique("x"), "model": "m", "owner": "o"},
+                     token=tokens["auditor"]).status == 403
+    patched = api(srv, f"/api/v1/devices/{device}", "-X", "PATCH", "-H", "Content-Type: application/json",
+                  "--data-binary", '{"location": "bed 4", "owner": "icu"}', token=tokens["engineer"])
+    assert patched.status == 200 and patched.json()["device"]["location"] == "bed 4", patched
+    [edit] = ca.audit("device_edited", device)
+    assert edit["detail"] == {"location": {"from": "", "to": "bed 4"}}   # the unchanged owner is no change
+    fresh = api(srv, f"/api/v1/devices/{device}/token", "-X", "POST", token=tokens["engineer"]).json()["token"]
+    assert fresh != made.json()["token"]
+    issued = srv.enroll(device, fresh)
+    gone = api(srv, f"/api/v1/devices/{device}/decommission", "-X", "POST", token=tokens["engineer"])
+    assert gone.status == 200 and gone.json()["revoked"] == [issued.serial_hex], gone
+    assert ca.device(device)["status"] == "decommissioned"

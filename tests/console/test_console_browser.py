@@ -105,7 +105,6 @@ def test_the_console_walk_through(srv, ca, browser, tokens, shots, tools):
     engineer.go("/login")
     engineer.shot("login")
     engineer.login()
-    engineer.shot("overview")
 
     # onboard one device: its token, shown once, with a QR code
     device = ca.unique("pump")
@@ -134,7 +133,7 @@ def test_the_console_walk_through(srv, ca, browser, tokens, shots, tools):
     # the device enrolls over EST with the token the page showed, and the console shows the certificate
     issued = srv.enroll(device, token)
     engineer.go(f"/devices/{device}")
-    assert engineer.page.get_by_text(issued.serial_hex).is_visible()
+    assert engineer.page.get_by_text(issued.serial_hex, exact=True).is_visible()
     engineer.go(f"/devices?q={device}")
     assert engineer.page.get_by_role("link", name=device).is_visible()
     engineer.shot("devices")
@@ -167,6 +166,9 @@ def test_the_console_walk_through(srv, ca, browser, tokens, shots, tools):
     denied = api(srv, f"/api/v1/certificates/{other_cert.serial_hex}/revoke", "-X", "POST", "-H",
                  "Content-Type: application/json", "--data-binary", '{"reason": "keyCompromise"}', token=tokens["auditor"])
     assert denied.status == 403
+    auditor.go("/")
+    assert auditor.page.get_by_role("img", name="Enrollments and renewals per hour, last 7 days").is_visible()
+    auditor.shot("overview")   # with the walk's devices and certificates in it
     auditor.go("/audit")
     assert auditor.page.get_by_text("Hash chain: intact").is_visible()
     auditor.shot("audit")

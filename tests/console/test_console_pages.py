@@ -114,6 +114,9 @@ def test_hold_and_release_from_the_device_page(srv, ca, logged_in, tools):
     page = b.get(f"/devices/{device}")
     assert f"/certificates/{issued.serial_hex}/hold" in page.text
     assert form_post(b, f"/certificates/{issued.serial_hex}/hold", confirm="yes").status == 303
+    overview = b.get("/").text
+    held = re.search(r"Devices with a certificate on hold: (\d+)(.*?)</li>", overview, re.S)
+    assert held and int(held.group(1)) >= 1 and f"/devices/{device}" in held.group(2), overview
     assert "certificateHold" in ocsp_status(srv, ca, tools, issued) or ": revoked" in ocsp_status(srv, ca, tools, issued)
     assert f"/certificates/{issued.serial_hex}/release" in b.get(f"/devices/{device}").text
     assert form_post(b, f"/certificates/{issued.serial_hex}/release", confirm="yes").status == 303
@@ -160,3 +163,40 @@ def test_a_waiting_enrollment_is_approved_from_the_approvals_page(srv, ca, logge
     assert form_post(logged_in["security"], f"/approvals/{device}/approve", fingerprint=fingerprint).status == 303
     approved = srv.est_post("simpleenroll", body, user=(device, token))
     assert approved.status == 200, approved
+
+
+def test_device_filters_paging_and_the_csv_of_the_filter(srv, ca, logged_in, tokens):
+    b = logged_in["auditor"]
+    stem = ca.unique("ward9")
+    ids = [f"{stem}-{n:02d}" for n in range(60)]
+    ca.iomtca("device", "import", str(ca.write("ward9.csv", ("device_id,model,owner,location\n" + "".join(
+        f"{i},monitor,ward-9,{stem}\n" for i in ids)).encode())), "--tokens-out", str(ca.work / "w9-tokens.csv"))
+    enrolled = srv.enroll(ids[0], next(line.split(",")[1] for line in (ca.work / "w9-tokens.csv").read_text().splitlines()
+                                        if line.startswith(ids[0] + ",")))
+    first = b.get(f"/devices?location={stem}")
+    assert "60 device(s), 1 to 50 shown" in first.text and "Next page" in first.text and "Previous page" not in first.text
+    second = b.get(f"/devices?location={stem}&offset=50")
+    assert "51 to 60 shown" in second.text and "Previous page" in second.text and "Next page" not in second.text
+    assert all(i in first.text + second.text for i in ids)
+    # expiring within a day: none (certificates last longer); within a year: the one enrolled
+    assert "0 device(s)" in b.get(f"/devices?location={stem}&expiring=1h").text
+    soon = b.get(f"/devices?location={stem}&expiring=365d")
+    assert "1 device(s)" in soon.text and ids[0] in soon.text
+    # never proven contact: all but the one that enrolled
+    assert "59 device(s)" in b.get(f"/devices?location={stem}&absent=1d").text
+    assert b.get(f"/devices?location={stem}&absent=soon").status == 400
+    exported = b.get(f"/devices.csv?location={stem}&expiring=365d")
+    assert exported.status == 200 and exported.header("content-type").startswith("text/csv")
+    lines = exported.text.splitlines()
+    assert lines[0].startswith("device_id,model,owner,location") and len(lines) == 2
+    assert lines[1].startswith(f"{ids[0]},monitor,ward-9,{stem}") and enrolled.serial_hex not in lines[1]
+
+
+def test_audit_page_filters_by_device_actor_and_event(srv, ca, logged_in):
+    device = ca.unique("flt")
+    srv.enroll(device, ca.add_device(device))
+    page = logged_in["auditor"].get(f"/audit?device={device}")
+    assert "3 matching entries" in page.text, page.text[-2000:]
+    only = logged_in["auditor"].get(f"/audit?device={device}&action=certificate_issued")
+    assert "1 matching entry" in only.text and f"device:{device}" in only.text
+    assert "0 matching entries" in logged_in["auditor"].get(f"/audit?device={device}&actor=nobody").text

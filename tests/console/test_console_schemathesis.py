@@ -43,6 +43,9 @@ def test_every_operation_answers_as_documented(case, srv, tokens):
         # generated at random, so the server refusing one is no mismatch (tests/console/test_console_sync.py
         # shows what a CSV upsert does)
         excluded.append(schemathesis.checks.positive_data_acceptance)
+    if isinstance(case.body, dict) and case.body.get("udi") not in (None, ""):
+        # a UDI's check digit is beyond a schema too: the registry checks it (ca/udi.py, its own tests)
+        excluded.append(schemathesis.checks.positive_data_acceptance)
     response = case.call_and_validate(base_url=srv.console, headers={"Authorization": f"Bearer {tokens['security']}"},
                                       verify=str(srv.ca.root), excluded_checks=excluded)
     assert response.status_code < 500
