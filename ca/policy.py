@@ -191,7 +191,7 @@ def posture_firmware(posture: object) -> str | None:
 
 def version_key(version: str) -> tuple:
     """Firmware versions compare part by part, numbers as numbers: 2.10.0 > 2.9.1."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-+_ ]", version.strip()) if p)
+    return tuple((0, int(p), "") if p.isascii() and p.isdigit() else (1, 0, p) for p in re.split(r"[.\-+_ ]", version.strip()) if p)
 
 
 def posture_ok(device: Device, min_firmware: str | None) -> None:

@@ -45,7 +45,7 @@ def _int(request: web.Request, name: str, default: int, high: int) -> int:
     text = request.query.get(name)
     if text is None:
         return default
-    if not text.isdigit() or not 0 <= int(text) <= high:
+    if not (text.isascii() and text.isdigit()) or not 0 <= int(text) <= high:   # "³".isdigit() is True
         raise BadRequestError(f"query parameter {name!r} must be a whole number from 0 to {high}")
     return int(text)
 

@@ -87,6 +87,9 @@ async def errors(request: web.Request, handler):
                                       "message": (exc.text or exc.reason).strip(), "retry_after": None},
                                      status=exc.status, headers=kept)
         raise
+    except ConnectionResetError:   # the client left while its request was read (fuzz/wire.py saw it)
+        log.info("client %s closed the connection during %s %s", request.remote, request.method, request.path)
+        return web.Response(status=400, text="connection closed by the client\n", content_type="text/plain")
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         if is_api(request):

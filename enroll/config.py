@@ -66,7 +66,7 @@ class EnrollConfig:
 def parse_listen(text: str) -> tuple[str, int]:
     """"127.0.0.1:8443" or "[::1]:8443" -> (host, port)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not host:
+    if not sep or not (port.isascii() and port.isdigit()) or not host:
         raise ConfigError(f"listen address {text!r} must be HOST:PORT")
     return host.strip("[]"), int(port)
 

@@ -73,6 +73,9 @@ async def errors(request: web.Request, handler):
             return web.Response(status=413, text=f"request body over the {limit}-byte limit\n",
                                 content_type="text/plain")
         raise
+    except ConnectionResetError:   # the client left while its request was read: nobody hears an answer
+        log.info("client %s closed the connection during %s %s", request.remote, request.method, request.path)
+        return web.Response(status=400, text="connection closed by the client\n", content_type="text/plain")
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         return web.Response(status=500, text="internal error; see the server log\n", content_type="text/plain")
