@@ -175,6 +175,9 @@ def test_the_console_walk_through(srv, ca, browser, tokens, shots, tools):
     auditor.go("/evidence")
     assert auditor.page.get_by_text(device).first.is_visible()
     auditor.shot("evidence")
+    auditor.page.emulate_media(media="print")   # printed, the page is the evidence, not the console around it
+    assert auditor.page.locator("header nav").is_hidden() and auditor.page.get_by_text(device).first.is_visible()
+    auditor.page.emulate_media(media="screen")
     auditor.close()
 
     document = api(srv, "/api/v1/evidence", token=tokens["auditor"])
