@@ -332,10 +332,9 @@ async def signature_for(authority: "Authority", sha256: str) -> bytes:
         raise BadRequestError("sha256 must be the 64 hex digits of the exported file's SHA-256 "
                               "(sha256sum evidence.json)")
     async with authority.store.read() as tx:
-        rows = await tx.audit_rows()
+        rows = await tx.audit_rows(actions=(ACTION,))
     for row in reversed(rows):
-        if row.action == ACTION:
-            detail = json.loads(row.detail) if row.detail else {}
-            if detail.get("sha256") == wanted and detail.get("signature"):
-                return base64.b64decode(detail["signature"])
+        detail = json.loads(row.detail) if row.detail else {}
+        if detail.get("sha256") == wanted and detail.get("signature"):
+            return base64.b64decode(detail["signature"])
     raise NotFoundError(f"no signed evidence export has SHA-256 {wanted}")

@@ -55,6 +55,14 @@ def cert_json(r: CertRecord) -> dict:
     }
 
 
+def approval_json(r) -> dict:
+    """A waiting (or approved, unused) enrollment request: ca/approvals.py ApprovalRequest."""
+    return {"device_id": r.device_id, "key_type": r.key_type, "fingerprint": r.fingerprint, "source": r.source,
+            "requested_at": ts(r.requested_at), "last_seen_at": ts(r.last_seen_at),
+            "state": "approved" if r.approved else "waiting",
+            "approved_at": ts(r.approved_at), "approved_by": r.approved_by}
+
+
 def audit_json(row: AuditRow) -> dict:
     return {"id": row.id, "at": row.at, "actor": row.actor, "action": row.action, "device_id": row.device_id,
             "serial": row.serial, "detail": json.loads(row.detail) if row.detail else {}, "hash": row.hash}

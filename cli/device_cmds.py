@@ -9,7 +9,6 @@ from datetime import datetime
 from pathlib import Path
 
 from ca import views
-from ca.approvals import ApprovalRequest
 from ca.assets import read_asset_csv
 from ca.authority import Authority, operator
 from ca.errors import BadRequestError
@@ -159,21 +158,14 @@ async def import_csv(args) -> int:
     return 0
 
 
-def _ts(value: datetime | None) -> str | None:
-    return to_rfc3339(value) if value else None
-
-
 def _reported(d: Device) -> str:
     """What unsigned MQTT messages said, for a table cell: labelled, never mixed with proven facts."""
     parts = []
     if d.reported_online is not None:
-        parts.append(f"{'online' if d.reported_online else 'offline'} {_ts(d.reported_online_at)}")
+        parts.append(f"{'online' if d.reported_online else 'offline'} {views.ts(d.reported_online_at)}")
     if d.reported_firmware:
         parts.append(f"fw {d.reported_firmware}")
     return f"{', '.join(parts)} (unverified)" if parts else ""
-
-
-_device_json = views.device_json
 
 
 # `device show` labels: what is unverified says so
@@ -201,7 +193,7 @@ async def list_devices(args) -> int:
         # never in proven contact: count from registration
         if offline is not None and (d.last_proven_contact or d.created_at) > now - offline:
             continue
-        row = _device_json(d, expires)
+        row = views.device_json(d, expires)
         row["reported"] = _reported(d)
         row["clone"] = "SUSPECTED" if d.clone_suspected_at else ""
         rows.append(row)
@@ -218,7 +210,7 @@ async def show(args) -> int:
         device = await authority.registry.get(args.device_id)
         certs = await authority.certificates(args.device_id)
     good = [c.not_after for c in certs if c.status is CertStatus.GOOD]
-    info = _device_json(device, max(good) if good else None)
+    info = views.device_json(device, max(good) if good else None)
     info["certificates"] = [
         {"serial": serial_hex(c.serial), "not_after": to_rfc3339(c.not_after), "status": c.status.value}
         for c in certs]
@@ -243,7 +235,7 @@ async def edit(args) -> int:
     async with await Authority.open(args.dir) as authority:
         device = await authority.edit_device(args.device_id, changes, actor=f"operator:{operator().name}")
     if args.json:
-        print(json.dumps(_device_json(device, None), indent=2))
+        print(json.dumps(views.device_json(device, None), indent=2))
     else:
         print(f"updated device {device.id}: {', '.join(sorted(changes))}")
     return 0
@@ -275,16 +267,9 @@ async def approve(args) -> int:
     return 0
 
 
-def _approval_json(r: ApprovalRequest) -> dict:
-    return {"device_id": r.device_id, "key_type": r.key_type, "fingerprint": r.fingerprint, "source": r.source,
-            "requested_at": to_rfc3339(r.requested_at), "last_seen_at": to_rfc3339(r.last_seen_at),
-            "state": "approved" if r.approved else "waiting",
-            "approved_at": _ts(r.approved_at), "approved_by": r.approved_by}
-
-
 async def pending(args) -> int:
     async with await Authority.open(args.dir) as authority:
-        rows = [_approval_json(r) for r in await authority.pending_approvals(args.device_id)]
+        rows = [views.approval_json(r) for r in await authority.pending_approvals(args.device_id)]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -21,7 +21,7 @@ from ca.registry import EDITABLE, new_device
 from ca.timefmt import to_rfc3339
 from common.ids import check_id
 
-from .api import _actor, _operator
+from .api import _operator
 from .auth import read_form
 from .pages import render
 from .state import AUTHORITY
@@ -55,7 +55,7 @@ async def onboard(request: web.Request) -> web.Response:
     values = {k: v.strip() for k, v in (await _form(request)).items() if k in DEVICE_FIELDS}
     try:
         device = new_device(values.get("device_id", ""), **{k: v for k, v in values.items() if k != "device_id"})
-        token = await request.app[AUTHORITY].registry.add(device, actor=_actor(op))
+        token = await request.app[AUTHORITY].registry.add(device, actor=op.actor)
     except BadRequestError as exc:
         return render(request, "onboard.html", status=400, values=values, error=exc.message, fields=DEVICE_FIELDS)
     return render(request, "token.html", tokens=[_token_view(token)], what="registered")
@@ -90,7 +90,7 @@ async def import_csv(request: web.Request) -> web.Response:
     if errors or not form.get("confirm"):
         return render(request, "import.html", status=400 if errors else 200, errors=errors, csv_text=text,
                       preview=[views.device_json(d, None) for d in assets.devices], ignored=assets.ignored_columns)
-    tokens = await authority.registry.add_many(assets.devices, actor=_actor(op))
+    tokens = await authority.registry.add_many(assets.devices, actor=op.actor)
     return render(request, "token.html", tokens=[_token_view(t) for t in tokens], what="imported")
 
 
@@ -115,7 +115,7 @@ async def edit(request: web.Request) -> web.Response:
     current = views.editable_values(device)
     changes = {k: form[k].strip() for k in EDITABLE if k in form and form[k].strip() != (current.get(k) or "")}
     try:
-        await authority.edit_device(device.id, changes, actor=_actor(op))
+        await authority.edit_device(device.id, changes, actor=op.actor)
     except BadRequestError as exc:
         return render(request, "edit.html", status=400, device_id=device.id, values={**current, **form},
                       fields=EDITABLE, error=exc.message)
@@ -124,7 +124,7 @@ async def edit(request: web.Request) -> web.Response:
 
 async def new_token(request: web.Request) -> web.Response:
     op = _operator(request, "device.write")
-    token = await request.app[AUTHORITY].registry.new_token(_device_id(request), actor=_actor(op))
+    token = await request.app[AUTHORITY].registry.new_token(_device_id(request), actor=op.actor)
     return render(request, "token.html", tokens=[_token_view(token)], what="issued a new token for")
 
 
@@ -142,7 +142,7 @@ async def decommission(request: web.Request) -> web.Response:
     device_id = _device_id(request)
     if form.get("confirm") != "yes":
         raise BadRequestError("tick the confirmation box to decommission")
-    await request.app[AUTHORITY].decommission(device_id, actor=_actor(op))
+    await request.app[AUTHORITY].decommission(device_id, actor=op.actor)
     raise web.HTTPSeeOther(f"/devices/{device_id}")
 
 
@@ -176,11 +176,11 @@ async def cert_action(request: web.Request) -> web.Response:
     authority = request.app[AUTHORITY]
     if action == "revoke":
         record = await authority.revoke(serial, RevocationReason.parse(form.get("reason", "unspecified")),
-                                        actor=_actor(op))
+                                        actor=op.actor)
     elif action == "hold":
-        record = await authority.hold(serial, actor=_actor(op))
+        record = await authority.hold(serial, actor=op.actor)
     else:
-        record = await authority.release(serial, actor=_actor(op))
+        record = await authority.release(serial, actor=op.actor)
     raise web.HTTPSeeOther(f"/devices/{record.device_id}" if record.device_id else "/")
 
 
@@ -190,9 +190,9 @@ async def decide(request: web.Request) -> web.Response:
     fingerprint = (await _form(request)).get("fingerprint", "")
     authority = request.app[AUTHORITY]
     if request.match_info["decision"] == "approve":
-        await authority.approve(device_id, fingerprint, actor=_actor(op))
+        await authority.approve(device_id, fingerprint, actor=op.actor)
     else:
-        await authority.reject_approval(device_id, fingerprint, actor=_actor(op))
+        await authority.reject_approval(device_id, fingerprint, actor=op.actor)
     raise web.HTTPSeeOther("/approvals")
 
 

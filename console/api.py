@@ -14,7 +14,6 @@ from aiohttp import web
 
 from ca import operators, views
 from ca.audit import verify_chain
-from ca.credentials import actor
 from ca.errors import BadRequestError, UnauthorizedError
 from ca.model import RevocationReason, parse_serial, serial_hex
 from ca.registry import EDITABLE, new_device
@@ -35,10 +34,6 @@ def _operator(request: web.Request, action: str) -> operators.Operator:
         raise UnauthorizedError("log in to the console, or send Authorization: Bearer with an operator API token")
     operators.require(op, action)
     return op
-
-
-def _actor(op: operators.Operator) -> str:
-    return actor(op.auth(), "")
 
 
 def _int(request: web.Request, name: str, default: int, high: int) -> int:
@@ -81,11 +76,10 @@ def match_devices(devices: list, query, expiry: dict | None = None, now=None) ->
         devices = [d for d in devices if (expiry or {}).get(d.id) is not None and expiry[d.id] <= now + expiring]
     if absent is not None:
         devices = [d for d in devices if d.last_proven_contact is None or d.last_proven_contact < now - absent]
-    for name in DEVICE_FILTERS:
-        want = query.get(name)
-        if want:
-            devices = [d for d in devices if str(getattr(d, name).value if hasattr(getattr(d, name), "value")
-                                                 else getattr(d, name)) == want]
+    wanted = {name: query[name] for name in DEVICE_FILTERS if query.get(name)}
+    if wanted:
+        devices = [d for d in devices
+                   if all({**views.editable_values(d), "status": d.status.value}[k] == v for k, v in wanted.items())]
     text = (query.get("q") or "").strip().casefold()
     if text:
         devices = [d for d in devices if any(text in (v or "").casefold() for v in (
@@ -150,7 +144,7 @@ async def register_device(request: web.Request) -> web.Response:
     if missing:
         raise BadRequestError(f"field(s) {', '.join(missing)} required")
     device_id = values.pop("device_id")
-    token = await request.app[AUTHORITY].registry.add(new_device(device_id, **values), actor=_actor(op))
+    token = await request.app[AUTHORITY].registry.add(new_device(device_id, **values), actor=op.actor)
     return web.json_response(_token_json(token), status=201)
 
 
@@ -164,19 +158,19 @@ async def edit_device(request: web.Request) -> web.Response:
     current = views.editable_values(device)
     changes = {k: v for k, v in wanted.items() if v != current.get(k)}
     if changes:   # a PATCH that changes nothing is answered with the device as it is (idempotent)
-        device = await authority.edit_device(device.id, changes, actor=_actor(op))
+        device = await authority.edit_device(device.id, changes, actor=op.actor)
     return web.json_response({"device": views.device_json(device, None)})
 
 
 async def new_token(request: web.Request) -> web.Response:
     op = _operator(request, "device.write")
-    token = await request.app[AUTHORITY].registry.new_token(check_id(request.match_info["device_id"]), actor=_actor(op))
+    token = await request.app[AUTHORITY].registry.new_token(check_id(request.match_info["device_id"]), actor=op.actor)
     return web.json_response(_token_json(token))
 
 
 async def decommission(request: web.Request) -> web.Response:
     op = _operator(request, "device.write")
-    revoked = await request.app[AUTHORITY].decommission(check_id(request.match_info["device_id"]), actor=_actor(op))
+    revoked = await request.app[AUTHORITY].decommission(check_id(request.match_info["device_id"]), actor=op.actor)
     return web.json_response({"revoked": [serial_hex(s) for s in revoked]})
 
 
@@ -187,7 +181,7 @@ async def reject(request: web.Request) -> web.Response:
     if fingerprint is not None and not isinstance(fingerprint, str):
         raise BadRequestError("field 'fingerprint' must be a string (or absent: every waiting key)")
     dropped = await request.app[AUTHORITY].reject_approval(check_id(request.match_info["device_id"]), fingerprint,
-                                                           actor=_actor(op))
+                                                           actor=op.actor)
     return web.json_response({"rejected": [r.fingerprint for r in dropped]})
 
 
@@ -208,29 +202,26 @@ async def revoke(request: web.Request) -> web.Response:
     if reason is RevocationReason.certificateHold:   # a hold is its own action (cert.hold) and route
         raise BadRequestError("certificateHold is a hold, not a revocation: POST .../hold")
     serial = parse_serial(request.match_info["serial"])
-    record = await request.app[AUTHORITY].revoke(serial, reason, actor=_actor(op))
+    record = await request.app[AUTHORITY].revoke(serial, reason, actor=op.actor)
     return web.json_response({"certificate": views.cert_json(record)})
 
 
 async def hold(request: web.Request) -> web.Response:
     op = _operator(request, "cert.hold")
-    record = await request.app[AUTHORITY].hold(parse_serial(request.match_info["serial"]), actor=_actor(op))
+    record = await request.app[AUTHORITY].hold(parse_serial(request.match_info["serial"]), actor=op.actor)
     return web.json_response({"certificate": views.cert_json(record)})
 
 
 async def release(request: web.Request) -> web.Response:
     op = _operator(request, "cert.release")
-    record = await request.app[AUTHORITY].release(parse_serial(request.match_info["serial"]), actor=_actor(op))
+    record = await request.app[AUTHORITY].release(parse_serial(request.match_info["serial"]), actor=op.actor)
     return web.json_response({"certificate": views.cert_json(record)})
 
 
 async def list_approvals(request: web.Request) -> web.Response:
     _operator(request, "read")
     waiting = await request.app[AUTHORITY].pending_approvals()
-    return web.json_response({"approvals": [{
-        "device_id": r.device_id, "fingerprint": r.fingerprint, "key_type": r.key_type, "source": r.source,
-        "requested_at": views.ts(r.requested_at), "last_seen_at": views.ts(r.last_seen_at),
-        "state": "approved" if r.approved else "waiting"} for r in waiting]})
+    return web.json_response({"approvals": [views.approval_json(r) for r in waiting]})
 
 
 async def approve(request: web.Request) -> web.Response:
@@ -240,7 +231,7 @@ async def approve(request: web.Request) -> web.Response:
     if not isinstance(fingerprint, str):
         raise BadRequestError("field 'fingerprint' (the key's SHA-256, as GET /api/v1/approvals lists it) is required")
     device_id = check_id(request.match_info["device_id"])
-    approved = await request.app[AUTHORITY].approve(device_id, fingerprint, actor=_actor(op))
+    approved = await request.app[AUTHORITY].approve(device_id, fingerprint, actor=op.actor)
     return web.json_response({"device_id": device_id, "fingerprint": approved.fingerprint,
                               "key_type": approved.key_type})
 

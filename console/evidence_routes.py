@@ -29,7 +29,7 @@ async def export(request: web.Request) -> web.Response:
     fmt = request.query.get("format", "json")
     if fmt not in CONTENT_TYPES:
         raise BadRequestError(f"format must be one of {', '.join(CONTENT_TYPES)}, not {fmt!r}")
-    done = await evidence.export(request.app[AUTHORITY], actor=api._actor(op), fmt=fmt)
+    done = await evidence.export(request.app[AUTHORITY], actor=op.actor, fmt=fmt)
     content_type, suffix = CONTENT_TYPES[fmt]
     digest = base64.b64encode(bytes.fromhex(done.sha256)).decode()
     return web.Response(body=done.body, content_type=content_type, charset="utf-8", headers={
@@ -56,7 +56,7 @@ async def page(request: web.Request) -> web.Response:
                                      origin=f"{request.scheme}://{request.host}"))
         return rendered[0].body
 
-    await evidence.export(request.app[AUTHORITY], actor=api._actor(op), fmt="html", encode=encode)
+    await evidence.export(request.app[AUTHORITY], actor=op.actor, fmt="html", encode=encode)
     return rendered[0]
 
 

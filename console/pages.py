@@ -21,6 +21,10 @@ from . import api, auth, charts
 from .state import AUTHORITY, OPERATOR, SESSION, TEMPLATES
 
 
+ABSENCE_ACTIONS = frozenset({"device_absent_flagged", "certificate_held_absent", "device_returned"})
+OVERVIEW_ACTIONS = ABSENCE_ACTIONS | {"certificate_issued", "certificate_renewed", "posture_refused"}
+
+
 def render(request: web.Request, template: str, *, status: int = 200, **context) -> web.Response:
     op = request.get(OPERATOR)
     secret = request.get(SESSION)
@@ -87,14 +91,17 @@ async def overview(request: web.Request) -> web.Response:
             for label, delta in (("24 h", timedelta(hours=24)), ("7 d", timedelta(days=7)))}
     waiting = [r for r in await authority.pending_approvals() if not r.approved]
     async with authority.store.read() as tx:
-        rows = await tx.audit_rows()
+        rows = await tx.audit_rows(actions=OVERVIEW_ACTIONS)
     since = now - timedelta(days=7)
     # device certificates only: service certificates (server, OCSP, evidence) are audited as issued too
     issued = {a: [t for r in rows if r.action == a and r.device_id and (t := from_rfc3339(r.at)) >= since]
               for a in ("certificate_issued", "certificate_renewed")}
     holds = sorted({c.device_id for c in certs if c.device_id and c.status.value == "hold" and c.not_after > now})
-    flagged = sorted({r.device_id for r in rows if r.action in ("device_absent_flagged", "certificate_held_absent")
-                      and r.device_id} - {r.device_id for r in rows if r.action == "device_returned"})
+    away: dict[str, bool] = {}   # each device's latest word on attendance, in the log's order
+    for r in rows:
+        if r.device_id and r.action in ABSENCE_ACTIONS:
+            away[r.device_id] = r.action != "device_returned"
+    flagged = sorted(d for d, is_away in away.items() if is_away)
     refusals = [views.audit_json(r) for r in rows if r.action == "posture_refused" and from_rfc3339(r.at) >= since]
     return render(request, "overview.html", holds=holds, flagged=flagged, refusals=refusals[-20:],
                   refusal_count=len(refusals),
@@ -150,7 +157,7 @@ async def device_page(request: web.Request) -> web.Response:
     certs = await authority.certificates(device.id)
     current = max((c.not_after for c in certs if c.status.value == "good"), default=None)
     async with authority.store.read() as tx:
-        entries = [views.audit_json(r) for r in await tx.audit_rows() if r.device_id == device.id]
+        entries = [views.audit_json(r) for r in await tx.audit_rows(device_id=device.id)]
     shown = [views.cert_json(c) for c in certs]
     return render(request, "device.html", device=views.device_json(device, current), certs=shown,
                   timeline=charts.certificate_timeline(shown, authority.now()), entries=list(reversed(entries[-50:])))

@@ -21,8 +21,9 @@ from ca.assets import OPTIONAL_COLUMNS, REQUIRED_COLUMNS, read_asset_csv
 from ca.errors import BadRequestError, CAError
 from ca.registry import EDITABLE, new_device
 from ca.timefmt import to_rfc3339
+from common.ids import check_id
 
-from .api import MAX_PAGE, _actor, _int, _operator
+from .api import MAX_PAGE, _int, _operator
 from .state import AUTHORITY
 
 MAX_ROWS = 5000
@@ -55,22 +56,21 @@ async def _upsert_row(authority, row: object, existing: dict, actor: str) -> dic
     if unknown:
         raise BadRequestError(f"unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(COLUMNS)}")
     values = {k: v.strip() for k, v in row.items()}
-    device_id = values.pop("device_id", "")
-    candidate = new_device(device_id, **{"model": "-", "owner": "-", **values})   # validates every field
-    current = existing.get(candidate.id)
-    if current is None:
+    device_id = check_id(values.pop("device_id", ""))
+    current = existing.get(device_id)
+    if current is None:   # registered with the registration rules (ca/registry.py new_device)
         missing = [f for f in ("model", "owner") if not values.get(f)]
         if missing:
-            raise BadRequestError(f"device {candidate.id} is not registered; registering it needs {' and '.join(missing)}")
+            raise BadRequestError(f"device {device_id} is not registered; registering it needs {' and '.join(missing)}")
         token = await authority.registry.add(new_device(device_id, **values), actor=actor)
-        return {"device_id": candidate.id, "status": "created", "token": token.secret,
+        return {"device_id": device_id, "status": "created", "token": token.secret,
                 "token_expires_at": to_rfc3339(token.expires_at)}
-    shown = views.editable_values(current)
-    changes = {k: v for k, v in values.items() if k in EDITABLE and v != (shown.get(k) or "")}
+    shown = views.editable_values(current)   # edited with the edit rules (Authority.edit_device)
+    changes = {k: v for k, v in values.items() if k in EDITABLE and v != shown.get(k)}
     if not changes:
-        return {"device_id": candidate.id, "status": "unchanged"}
-    await authority.edit_device(candidate.id, changes, actor=actor)
-    return {"device_id": candidate.id, "status": "updated", "changed": sorted(changes)}
+        return {"device_id": device_id, "status": "unchanged"}
+    await authority.edit_device(device_id, changes, actor=actor)
+    return {"device_id": device_id, "status": "updated", "changed": sorted(changes)}
 
 
 async def bulk_upsert(request: web.Request) -> web.Response:
@@ -103,7 +103,7 @@ async def bulk_upsert(request: web.Request) -> web.Response:
         try:
             if isinstance(row, dict) and row.get("device_id", "").strip() in seen:
                 raise BadRequestError(f"device {row['device_id'].strip()} appears twice in this request")
-            result = await _upsert_row(authority, row, existing, _actor(op))
+            result = await _upsert_row(authority, row, existing, op.actor)
             seen.add(result["device_id"])
         except CAError as exc:
             result = {"status": "error", "code": exc.code, "message": exc.message}
@@ -117,11 +117,11 @@ async def changes(request: web.Request) -> web.Response:
     after = _int(request, "after", 0, 10**12)
     limit = _int(request, "limit", 100, MAX_PAGE) or 1
     async with request.app[AUTHORITY].store.read() as tx:
-        rows = await tx.audit_rows()
-    picked = [r for r in rows if r.id > after and r.action in FEED_ACTIONS][:limit]
-    cursor = picked[-1].id if picked else max(after, 0)
+        rows = await tx.audit_rows(actions=FEED_ACTIONS, after_id=after)
+    picked = rows[:limit]
+    cursor = picked[-1].id if picked else after
     return web.json_response({"changes": [views.audit_json(r) for r in picked], "next": cursor,
-                              "more": bool(picked) and any(r.id > cursor and r.action in FEED_ACTIONS for r in rows)})
+                              "more": len(rows) > limit})
 
 
 def add_routes(app: web.Application) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from collections.abc import Collection
 from typing import AsyncContextManager, Protocol
 
 from ..approvals import ApprovalRequest
@@ -143,7 +144,8 @@ class Tx(Protocol):
     async def prune_operator_tokens(self, expired_before: datetime) -> int: ...
     # audit
     async def append_audit(self, event: AuditEvent, at: datetime) -> str: ...
-    async def audit_rows(self) -> list[AuditRow]: ...
+    async def audit_rows(self, *, device_id: str | None = None, actions: Collection[str] | None = None,
+                         after_id: int = 0) -> list[AuditRow]: ...   # oldest first; all, or those filtered
 
 
 class Store(Protocol):

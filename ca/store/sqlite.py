@@ -443,9 +443,16 @@ class SQLiteTx(FailureQueries, ApprovalQueries, OperatorQueries):
             (new_id, at_text, event.actor, event.action, event.device_id, serial, detail, prev, digest))
         return digest
 
-    async def audit_rows(self):
+    async def audit_rows(self, *, device_id=None, actions=None, after_id=0):
+        where, args = ["id > ?"], [after_id]
+        if device_id is not None:
+            where.append("device_id = ?")
+            args.append(device_id)
+        if actions is not None:
+            where.append(f"action IN ({','.join('?' * len(actions))})" if actions else "0")
+            args.extend(actions)
         rows = await self._all("SELECT id, at, actor, action, device_id, serial, detail, prev_hash, hash "
-                               "FROM audit_log ORDER BY id")
+                               f"FROM audit_log WHERE {' AND '.join(where)} ORDER BY id", tuple(args))
         return [audit.AuditRow(*r) for r in rows]
 
 

@@ -262,6 +262,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX operator_tokens_operator ON operator_tokens(operator);
     CREATE INDEX operator_tokens_expires ON operator_tokens(expires_at);
     """,
+    # 14: the console's reads of one device's entries, and of one kind of entry (the changes feed,
+    # the overview, an evidence export's signature), without reading the whole log
+    """
+    CREATE INDEX audit_log_device ON audit_log(device_id, id) WHERE device_id IS NOT NULL;
+    CREATE INDEX audit_log_action ON audit_log(action, id);
+    """,
 ]
 
 
