@@ -38,10 +38,10 @@ def chain_hash(prev_hash: str, *, id: int, at: str, actor: str, action: str,
     return hashlib.sha256((prev_hash + "\n" + body).encode()).hexdigest()
 
 
-def verify_chain(rows: Iterable[AuditRow]) -> list[str]:
-    """Problems found, in order; an empty list means the chain is intact."""
+def verify_chain(rows: Iterable[AuditRow], prev: str = GENESIS) -> list[str]:
+    """Problems found, in order; an empty list means the chain is intact. `prev`: the hash of the
+    entry before the first of `rows` (GENESIS when they start at the beginning)."""
     problems = []
-    prev = GENESIS
     for row in rows:
         if row.prev_hash != prev:
             problems.append(f"entry {row.id}: does not follow the entry before it (deleted or reordered)")

@@ -17,6 +17,7 @@ from cryptography import x509
 
 from . import approvals, attendance, failures, idevid, proof, status
 from . import policy
+from .audit_chain import ChainMonitor
 from .codec import cert_der
 from .config import CAConfig, CAPaths, load_config
 from .credentials import (CertificateAuth, Credential, IDevIDAuth, OperatorAuth, SignedRequestAuth, TokenAuth,
@@ -55,6 +56,7 @@ class Authority(Publication):
         self.registry = Registry(store, token_ttl=config.token_ttl, clock=clock)
         # operator accounts (console, admin API); their logins share the failure limits below
         self.operators = Operators(store, clock, limits=lambda: self.failure_limits)
+        self.audit_chain = ChainMonitor(store, clock)   # what the console shows of the audit chain
         self.key_passphrase = passphrase  # decrypts service keys it writes (OCSP responder)
         self._clock = clock
         self._serial = serial_source

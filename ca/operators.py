@@ -33,10 +33,11 @@ import logging
 import os
 import re
 import secrets
+import string
 import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
@@ -68,12 +69,14 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2 ** 15, 8, 1
 SALT_BYTES, KEY_BYTES = 16, 32
 MIN_PASSWORD, MAX_PASSWORD = 12, 1024
+GENERATED_LENGTH, GENERATED_ALPHABET = 20, string.ascii_letters + string.digits
 SECRET_BYTES = 32   # sessions and API tokens
 TOKEN_PREFIX = "iomtop_"
 TOKEN_KEY = "operator-token"   # the failures.keys name of API-token guesses
 DEFAULT_TOKEN_LIFETIME = timedelta(days=90)
 MAX_TOKEN_LIFETIME = timedelta(days=365)
 TOUCH_AFTER = timedelta(seconds=60)
+LABEL_MAX = 64   # an API token's label
 SESSION_GONE = "session expired or unknown; log in again"
 
 
@@ -113,6 +116,14 @@ def check_role(role: str) -> str:
     return role
 
 
+def check_label(label: str | None) -> str | None:
+    if label is None or label == "":
+        return None
+    if not isinstance(label, str) or len(label) > LABEL_MAX or not label.isprintable():
+        raise BadRequestError(f"an API token's label is up to {LABEL_MAX} printable characters")
+    return label
+
+
 # -- passwords --------------------------------------------------------------------------------
 
 def check_password(password: str) -> None:
@@ -122,6 +133,12 @@ def check_password(password: str) -> None:
         raise BadRequestError(f"password too long: use at most {MAX_PASSWORD} characters")
     if not password.isprintable():
         raise BadRequestError("a password cannot hold control characters (newlines, tabs)")
+
+
+def generate_password() -> str:
+    """A password made for an operator and shown once (the CLI's --generate, the console, the API):
+    GENERATED_LENGTH letters and digits, about 119 bits."""
+    return "".join(secrets.choice(GENERATED_ALPHABET) for _ in range(GENERATED_LENGTH))
 
 
 def _kdf(password: bytes, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:
@@ -162,6 +179,15 @@ def _parse(stored: str) -> tuple[int, int, int, bytes, bytes]:
             or len(salt) < 8 or not 16 <= len(key) <= 64):
         raise ValueError("parameters out of range")
     return n, r, p, salt, key
+
+
+def current_parameters(stored: str) -> bool:
+    """Whether `stored` was made with today's scrypt parameters (a login rehashes one that was not)."""
+    try:
+        n, r, p, salt, key = _parse(stored)
+    except (ValueError, TypeError, AttributeError):
+        return True   # unreadable: verify_password refused it already
+    return (n, r, p, len(salt), len(key)) == (SCRYPT_N, SCRYPT_R, SCRYPT_P, SALT_BYTES, KEY_BYTES)
 
 
 def verify_password(password: str, stored: str) -> bool:
@@ -211,6 +237,26 @@ class SessionRow:
     operator: Operator
     created_at: datetime
     last_seen_at: datetime
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    """An API token as an admin lists it: its id and label, never its secret or digest."""
+
+    id: int
+    operator: str
+    label: str | None
+    created_at: datetime
+    created_by: str
+    expires_at: datetime
+
+
+class NewApiToken(NamedTuple):
+    """A token just made: its secret (shown once, then kept only as a digest), expiry and id."""
+
+    secret: str
+    expires_at: datetime
+    id: int
 
 
 @dataclass(frozen=True)
@@ -264,7 +310,9 @@ class Operators:
         already was disabled)."""
         now = self._clock()
         async with self._store.write() as tx:
-            await _existing(tx, name)
+            current = await _existing(tx, name)
+            if not current.disabled:
+                await _keep_an_admin(tx, current, "disable")
             changed = await tx.disable_operator(name, now)
             sessions = await tx.delete_operator_sessions(name)
             tokens = await tx.delete_operator_tokens(name)
@@ -273,6 +321,34 @@ class Operators:
                     "operator": name, "sessions_ended": sessions, "tokens_ended": tokens}), now)
             operator = await tx.get_operator(name)
         log.info("operator disabled operator=%s by=%s", name, actor)
+        return operator
+
+    async def enable(self, name: str, *, actor: str) -> Operator:
+        """Enable a disabled account again (with its old password; sessions and tokens ended with
+        the disabling stay ended). One audit row; none if it was not disabled."""
+        now = self._clock()
+        async with self._store.write() as tx:
+            await _existing(tx, name)
+            if await tx.enable_operator(name):
+                await tx.append_audit(AuditEvent("operator_enabled", actor, detail={"operator": name}), now)
+            operator = await tx.get_operator(name)
+        log.info("operator enabled operator=%s by=%s", name, actor)
+        return operator
+
+    async def set_role(self, name: str, role: str, *, actor: str) -> Operator:
+        """Give the account another role, from its next request on (sessions and tokens read the
+        role as it is now). The last enabled admin cannot be given a lesser role."""
+        check_role(role)
+        now = self._clock()
+        async with self._store.write() as tx:
+            current = await _existing(tx, name)
+            if role != "admin" and not current.disabled:
+                await _keep_an_admin(tx, current, f"make {role}")
+            if await tx.set_operator_role(name, role):
+                await tx.append_audit(AuditEvent("operator_role_changed", actor, detail={
+                    "operator": name, "from": current.role, "to": role}), now)
+            operator = await tx.get_operator(name)
+        log.info("operator role operator=%s role=%s by=%s", name, role, actor)
         return operator
 
     async def set_password(self, name: str, password: str, *, actor: str) -> None:
@@ -288,10 +364,30 @@ class Operators:
                 "operator": name, "sessions_ended": ended}), now)
         log.info("operator password changed operator=%s by=%s", name, actor)
 
-    async def new_api_token(self, name: str, *, lifetime: timedelta, actor: str) -> tuple[str, datetime]:
-        """(secret, expires_at) of a new API token: the secret is shown once and kept as a digest."""
+    async def change_own_password(self, operator: "Operator", current: str, new: str, *, source: str) -> None:
+        """An operator's own new password, proven by the current one. A wrong one is throttled and
+        counted as a failed login of the account from `source`. Its sessions end, this one too."""
+        check_password(new)
+        now = self._clock()
+        k = failures.keys(f"operator:{operator.name}", source)
+        try:
+            async with self._store.read() as tx:
+                await failures.check(tx, k, now, self._limits())
+                stored = await tx.operator_password_hash(operator.name)
+            if not await asyncio.to_thread(verify_password, current, stored or dummy_hash()):
+                raise NotAcceptedError(f"wrong current password for operator {operator.name}",
+                                       NotAcceptedError.OPERATOR)
+        except (NotAcceptedError, RateLimitedError) as exc:
+            await failures.refused(self._store, k, now, exc, "operator password change")
+            raise
+        await self.set_password(operator.name, new, actor=operator.actor)
+
+    async def new_api_token(self, name: str, *, lifetime: timedelta, actor: str,
+                            label: str | None = None) -> NewApiToken:
+        """A new API token: the secret is shown once and kept as a digest."""
         if not timedelta(0) < lifetime <= MAX_TOKEN_LIFETIME:
             raise BadRequestError(f"an API token lasts more than 0 s and at most {MAX_TOKEN_LIFETIME.days} days")
+        label = check_label(label)
         now = self._clock()
         expires = (now + lifetime).replace(microsecond=0)
         secret = TOKEN_PREFIX + secrets.token_urlsafe(SECRET_BYTES)
@@ -300,11 +396,28 @@ class Operators:
             if operator.disabled:
                 raise PolicyViolationError(f"operator {name} is disabled; no token issued")
             await tx.prune_operator_tokens(now)
-            await tx.insert_operator_token(digest(secret), name, now, expires, actor)
+            token_id = await tx.insert_operator_token(digest(secret), name, now, expires, actor, label)
             await tx.append_audit(AuditEvent("operator_token_created", actor, detail={
-                "operator": name, "expires_at": expires.isoformat()}), now)
+                "operator": name, "token_id": token_id, "label": label, "expires_at": expires.isoformat()}), now)
         log.info("operator API token created operator=%s expires=%s by=%s", name, expires.isoformat(), actor)
-        return secret, expires
+        return NewApiToken(secret, expires, token_id)
+
+    async def api_tokens(self, name: str) -> list[ApiToken]:
+        """The account's API tokens (expired ones too, until they are pruned), oldest first."""
+        async with self._store.read() as tx:
+            await _existing(tx, name)
+            return await tx.list_operator_tokens(name)
+
+    async def revoke_api_token(self, name: str, token_id: int, *, actor: str) -> None:
+        """End one API token at once (NotFoundError if the account holds no token of that id)."""
+        now = self._clock()
+        async with self._store.write() as tx:
+            await _existing(tx, name)
+            if not await tx.delete_operator_token(name, token_id):
+                raise NotFoundError(f"operator {name} has no API token {token_id}")
+            await tx.append_audit(AuditEvent("operator_token_revoked", actor, detail={
+                "operator": name, "token_id": token_id}), now)
+        log.info("operator API token revoked operator=%s token=%s by=%s", name, token_id, actor)
 
     # -- logins, sessions, tokens ------------------------------------------------------------
 
@@ -328,7 +441,10 @@ class Operators:
         except (NotAcceptedError, RateLimitedError) as exc:   # counted, audited per source and window
             await failures.refused(self._store, k, now, exc, "operator login")
             raise
+        rehashed = None if current_parameters(stored) else await asyncio.to_thread(hash_password, password)
         async with self._store.write() as tx:
+            if rehashed is not None:   # made with older scrypt parameters: stored anew with today's
+                await tx.replace_operator_password_hash(name, stored, rehashed)
             await tx.append_audit(AuditEvent("operator_login", operator.actor, detail={"source": source}), now)
         log.info("operator login operator=%s source=%s", name, source)
         return operator
@@ -399,6 +515,13 @@ class Operators:
             await failures.refused(self._store, k, now, exc, "operator API token")
             raise
         return row.operator
+
+
+async def _keep_an_admin(tx: "Tx", operator: Operator, what: str) -> None:
+    """ConflictError if `operator` is the last enabled admin: nobody could manage accounts after."""
+    if operator.role == "admin" and await tx.enabled_admins() == [operator.name]:
+        raise ConflictError(f"cannot {what} operator {operator.name}: it is the last enabled admin; "
+                            "add or enable another admin first")
 
 
 async def _existing(tx: "Tx", name: str) -> Operator:

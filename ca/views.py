@@ -66,3 +66,15 @@ def approval_json(r) -> dict:
 def audit_json(row: AuditRow) -> dict:
     return {"id": row.id, "at": row.at, "actor": row.actor, "action": row.action, "device_id": row.device_id,
             "serial": row.serial, "detail": json.loads(row.detail) if row.detail else {}, "hash": row.hash}
+
+
+def operator_json(o) -> dict:
+    """An operator account (ca/operators.Operator): never its password hash."""
+    return {"name": o.name, "role": o.role, "disabled": o.disabled, "created_at": ts(o.created_at),
+            "password_changed_at": ts(o.password_changed_at)}
+
+
+def api_token_json(t, now: datetime) -> dict:
+    """An API token as listed (ca/operators.ApiToken): its id and label, never its secret."""
+    return {"id": t.id, "operator": t.operator, "label": t.label, "created_at": ts(t.created_at),
+            "created_by": t.created_by, "expires_at": ts(t.expires_at), "expired": t.expires_at <= now}

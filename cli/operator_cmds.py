@@ -6,22 +6,23 @@ printed once (`--generate`). Every action is audited as the local CLI operator (
 """
 from __future__ import annotations
 
+import argparse
 import getpass
 import json
-import secrets
-import string
 import sys
+from datetime import datetime
 
 from ca.authority import Authority
 from ca.credentials import actor, operator
 from ca.errors import BadRequestError
-from ca.operators import DEFAULT_TOKEN_LIFETIME, ROLES, Operator, check_password
+from ca import views
+from ca.operators import (DEFAULT_TOKEN_LIFETIME, LABEL_MAX, ROLES, ApiToken, Operator, check_password,
+                          generate_password)
 from ca.timefmt import format_duration, parse_duration, to_rfc3339
 
 from .output import print_table
 
-GENERATED_LENGTH = 20
-_ALPHABET = string.ascii_letters + string.digits
+MAX_TOKEN_ID = 2 ** 63 - 1   # SQLite's largest integer: a larger id would overflow, not just miss
 
 
 def add_parsers(sub, common) -> None:
@@ -43,6 +44,16 @@ def add_parsers(sub, common) -> None:
     p.add_argument("name", metavar="NAME")
     p.set_defaults(func=disable)
 
+    p = osub.add_parser("enable", parents=[common],
+                        help="enable a disabled account again, with its old password (its ended tokens stay ended)")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=enable)
+
+    p = osub.add_parser("role", parents=[common], help="give an account another role, from its next request on")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("role", metavar="ROLE", choices=ROLES, help=f"one of {', '.join(ROLES)}")
+    p.set_defaults(func=set_role)
+
     p = osub.add_parser("passwd", parents=[common], help="set an operator's password; its sessions end")
     p.add_argument("name", metavar="NAME")
     _password_options(p)
@@ -52,8 +63,19 @@ def add_parsers(sub, common) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("--expires", default=format_duration(DEFAULT_TOKEN_LIFETIME), metavar="DURATION",
                    help=f"lifetime, e.g. 30d (default {format_duration(DEFAULT_TOKEN_LIFETIME)}, at most 365d)")
+    p.add_argument("--label", metavar="TEXT", help=f"what the token is for (up to {LABEL_MAX} printable characters)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=token)
+
+    p = osub.add_parser("tokens", parents=[common], help="list an operator's API tokens (never their secrets)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=list_tokens)
+
+    p = osub.add_parser("revoke-token", parents=[common], help="end one API token of an operator at once")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("token_id", metavar="ID", type=_token_id, help="the token's id, as `operator tokens` lists it")
+    p.set_defaults(func=revoke_token)
 
 
 def _password_options(p) -> None:
@@ -63,6 +85,13 @@ def _password_options(p) -> None:
     how.add_argument("--generate", action="store_true", help="generate a password and print it once")
 
 
+def _token_id(text: str) -> int:
+    """A positive decimal integer (ASCII digits only: "³".isdigit() is True, int("³") fails)."""
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= MAX_TOKEN_ID:
+        raise argparse.ArgumentTypeError(f"not a token id: {text[:40]!r} (use the ID `operator tokens` lists)")
+    return int(text)
+
+
 def _actor() -> str:
     return actor(operator())
 
@@ -70,7 +99,7 @@ def _actor() -> str:
 def _password(args) -> tuple[str, bool]:
     """(password, generated) from stdin, a generator or the terminal; checked before the CA opens."""
     if args.generate:
-        return "".join(secrets.choice(_ALPHABET) for _ in range(GENERATED_LENGTH)), True
+        return generate_password(), True
     if args.password_stdin:
         password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
     elif not sys.stdin.isatty():
@@ -100,8 +129,7 @@ async def add(args) -> int:
 
 
 def _row(o: Operator) -> dict:
-    return {"name": o.name, "role": o.role, "disabled": o.disabled, "created_at": to_rfc3339(o.created_at),
-            "password_changed_at": to_rfc3339(o.password_changed_at) if o.password_changed_at else None}
+    return views.operator_json(o)
 
 
 async def list_operators(args) -> int:
@@ -122,6 +150,20 @@ async def disable(args) -> int:
     return 0
 
 
+async def enable(args) -> int:
+    async with await Authority.open(args.dir) as authority:
+        enabled = await authority.operators.enable(args.name, actor=_actor())
+    print(f"enabled operator {enabled.name}; it logs in with its old password")
+    return 0
+
+
+async def set_role(args) -> int:
+    async with await Authority.open(args.dir) as authority:
+        changed = await authority.operators.set_role(args.name, args.role, actor=_actor())
+    print(f"operator {changed.name} has role {changed.role}")
+    return 0
+
+
 async def passwd(args) -> int:
     password, generated = _password(args)
     async with await Authority.open(args.dir) as authority:
@@ -135,10 +177,37 @@ async def passwd(args) -> int:
 async def token(args) -> int:
     lifetime = parse_duration(args.expires)
     async with await Authority.open(args.dir) as authority:
-        secret, expires = await authority.operators.new_api_token(args.name, lifetime=lifetime, actor=_actor())
+        secret, expires, token_id = await authority.operators.new_api_token(
+            args.name, lifetime=lifetime, actor=_actor(), label=args.label)
+    label = args.label or None
     if args.json:
-        print(json.dumps({"operator": args.name, "token": secret, "expires_at": to_rfc3339(expires)}))
+        print(json.dumps({"operator": args.name, "id": token_id, "token": secret, "label": label,
+                          "expires_at": to_rfc3339(expires)}))
     else:
-        print(f"API token of operator {args.name} (shown once, expires {to_rfc3339(expires)}):")
+        labelled = f" {label!r}" if label else ""
+        print(f"API token {token_id}{labelled} of operator {args.name} (shown once, expires {to_rfc3339(expires)}):")
         print(secret)
+    return 0
+
+
+def _token_row(t: ApiToken, now: datetime) -> dict:
+    return {k: v for k, v in views.api_token_json(t, now).items() if k != "operator"}
+
+
+async def list_tokens(args) -> int:
+    async with await Authority.open(args.dir) as authority:
+        now = authority.now()
+        rows = [_token_row(t, now) for t in await authority.operators.api_tokens(args.name)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_table([{**r, "expired": "yes" if r["expired"] else "no"} for r in rows],
+                    ["id", "label", "created_at", "created_by", "expires_at", "expired"])
+    return 0
+
+
+async def revoke_token(args) -> int:
+    async with await Authority.open(args.dir) as authority:
+        await authority.operators.revoke_api_token(args.name, args.token_id, actor=_actor())
+    print(f"revoked API token {args.token_id} of operator {args.name}")
     return 0

@@ -10,6 +10,7 @@ from .errors import BadRequestError
 Clock = Callable[[], datetime]
 
 _UNITS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
+MAX_DURATION_SECONDS = 1000 * 31_536_000   # no setting or request needs more than a thousand years
 _DURATION_RE = re.compile(r"(\d+)([wdhms])")
 
 
@@ -36,8 +37,9 @@ def from_rfc3339(text: str) -> datetime:
     return when.astimezone(timezone.utc)
 
 
-def parse_duration(text: str) -> timedelta:
-    """Parse "90s", "30m", "72h", "7d", "2w" and concatenations such as "1d12h"."""
+def parse_duration(text: str, *, cap: bool = False) -> timedelta:
+    """Parse "90s", "30m", "72h", "7d", "2w" and concatenations such as "1d12h". Longer than
+    MAX_DURATION_SECONDS is refused, or with `cap` (a filter such as "expiring within") taken as that."""
     t = text.strip().lower()
     pos, seconds = 0, 0
     for match in _DURATION_RE.finditer(t):
@@ -47,6 +49,10 @@ def parse_duration(text: str) -> timedelta:
         pos = match.end()
     if not t or pos != len(t):
         raise BadRequestError(f"invalid duration {text!r}: use e.g. 90s, 30m, 72h, 7d, 1d12h")
+    if seconds > MAX_DURATION_SECONDS and cap:
+        seconds = MAX_DURATION_SECONDS
+    if seconds > MAX_DURATION_SECONDS:   # timedelta's own bound is near 2.7 million years: an OverflowError
+        raise BadRequestError(f"duration {text[:40]!r} is longer than {MAX_DURATION_SECONDS // 31_536_000} years")
     return timedelta(seconds=seconds)
 
 

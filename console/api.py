@@ -13,7 +13,6 @@ from pathlib import Path
 from aiohttp import web
 
 from ca import operators, views
-from ca.audit import verify_chain
 from ca.errors import BadRequestError, UnauthorizedError
 from ca.model import RevocationReason, parse_serial, serial_hex
 from ca.registry import EDITABLE, new_device
@@ -62,7 +61,7 @@ def _duration(query, name: str):
     if not text:
         return None
     try:
-        return parse_duration(text)
+        return parse_duration(text, cap=True)   # "within a thousand years" is as good as "within ever"
     except BadRequestError:
         raise BadRequestError(f"query parameter {name!r} must be a duration such as 24h or 7d") from None
 
@@ -236,27 +235,38 @@ async def approve(request: web.Request) -> web.Response:
                               "key_type": approved.key_type})
 
 
-async def audit(request: web.Request) -> web.Response:
-    _operator(request, "read")
-    if "device" in request.query:
-        check_id(request.query["device"])
-    async with request.app[AUTHORITY].store.read() as tx:
-        rows = await tx.audit_rows()
-    problems = verify_chain(rows)
-    picked = audit_matches(rows, request.query)
-    limit = _int(request, "limit", 100, MAX_PAGE)
-    return web.json_response({
-        "entries": [views.audit_json(r) for r in reversed(picked[-limit:])] if limit else [],
-        "total": len(picked), "chain": {"intact": not problems, "problems": problems[:10],
-                                        "entries": len(rows), "head": rows[-1].hash if rows else None}})
-
-
 AUDIT_FILTERS = (("device", "device_id"), ("actor", "actor"), ("action", "action"))
 
 
-def audit_matches(rows: list, query) -> list:
-    """The entries a filter selects: `device`, `actor` and `action` each equal when given."""
-    return [r for r in rows if all(not query.get(k) or getattr(r, attr) == query[k] for k, attr in AUDIT_FILTERS)]
+def audit_filter(request: web.Request, *, form: bool = False) -> dict[str, str]:
+    """The store's filter from `device`, `actor` and `action` (each an exact match when given; in
+    the console's `form`, an empty field is no filter)."""
+    if "device" in request.query and (request.query["device"] or not form):   # the API: no device has id ""
+        check_id(request.query["device"])
+    return {attr: request.query[k] for k, attr in AUDIT_FILTERS if request.query.get(k)}
+
+
+async def audit_page(request: web.Request, default_limit: int, *, form: bool = False
+                     ) -> tuple[list, int, object, list[str]]:
+    """(entries newest first, how many match, the chain's status, the actions in the log) for the
+    filters and `limit` / `before` (an entry id: the page of older entries) of `request`."""
+    authority = request.app[AUTHORITY]
+    wanted = audit_filter(request, form=form)
+    limit = _int(request, "limit", default_limit, MAX_PAGE)
+    before = _int(request, "before", 0, 2 ** 62) or None
+    chain = await authority.audit_chain.status()
+    async with authority.store.read() as tx:
+        rows = await tx.audit_entries(**wanted, before_id=before, limit=limit) if limit else []
+        total = await tx.audit_count(**wanted)
+        actions = await tx.audit_actions()
+    return rows, total, chain, actions
+
+
+async def audit(request: web.Request) -> web.Response:
+    _operator(request, "read")
+    rows, total, chain, _ = await audit_page(request, 100)
+    return web.json_response({"entries": [views.audit_json(r) for r in rows], "total": total,
+                              "chain": {**chain.json(), "problems": list(chain.problems)}})
 
 
 async def openapi(request: web.Request) -> web.Response:

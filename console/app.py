@@ -14,7 +14,7 @@ from ca.errors import CAError, ConflictError, ForbiddenError, NotFoundError, Una
 from enroll.config import EnrollConfig
 from enroll.middleware import HTTP_STATUS, body_deadline
 
-from . import actions, api, auth, evidence_routes, pages, sync
+from . import actions, api, auth, evidence_routes, operator_pages, operators_api, pages, sync
 from .config import ConsoleConfig
 from .state import AUTHORITY, CONSOLE_CONFIG, ENROLL_CONFIG, TEMPLATES
 
@@ -119,9 +119,11 @@ def create_console_app(authority: Authority, config: ConsoleConfig, enroll_confi
                                         undefined=jinja2.StrictUndefined)
     app[TEMPLATES].filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, sort_keys=True)
     api.add_routes(app)
+    operators_api.add_routes(app)
     sync.add_routes(app)
     evidence_routes.add_routes(app)
     pages.add_routes(app)
     actions.add_routes(app)
+    operator_pages.add_routes(app)
     app.router.add_static("/static/", HERE / "static", show_index=False)
     return app

@@ -12,7 +12,6 @@ from datetime import timedelta
 from aiohttp import web
 
 from ca import operators, views
-from ca.audit import verify_chain
 from ca.errors import UnauthorizedError
 from ca.timefmt import from_rfc3339
 from common.ids import check_id
@@ -171,14 +170,14 @@ async def approvals_page(request: web.Request) -> web.Response:
 
 async def audit_page(request: web.Request) -> web.Response:
     api._operator(request, "read")
-    async with request.app[AUTHORITY].store.read() as tx:
-        rows = await tx.audit_rows()
-    problems = verify_chain(rows)
-    picked = api.audit_matches(rows, request.query)
-    return render(request, "audit.html", entries=[views.audit_json(r) for r in reversed(picked[-200:])],
-                  intact=not problems, problems=problems[:10], head=rows[-1].hash if rows else None,
-                  count=len(rows), matched=len(picked), query=request.query,
-                  actions=sorted({r.action for r in rows}))
+    rows, matched, chain, actions = await api.audit_page(request, 200, form=True)
+    older = None
+    if rows and len(rows) == api._int(request, "limit", 200, api.MAX_PAGE):   # a full page: there may be more
+        kept = {k: v for k, v in request.query.items() if k in ("device", "actor", "action", "limit") and v}
+        older = "/audit?" + urllib.parse.urlencode({**kept, "before": rows[-1].id})
+    return render(request, "audit.html", entries=[views.audit_json(r) for r in rows], intact=chain.intact,
+                  problems=chain.problems, head=chain.head, count=chain.entries, full_at=views.ts(chain.full_at),
+                  matched=matched, shown=len(rows), older=older, query=request.query, actions=actions)
 
 
 def add_routes(app: web.Application) -> None:

@@ -16,7 +16,7 @@ from typing import AsyncContextManager, Protocol
 from ..approvals import ApprovalRequest
 from ..audit import AuditRow
 from ..model import AuditEvent, CertRecord, CertStatus, Device, DeviceStatus, Gateway, RevocationReason
-from ..operators import ApiTokenRow, Operator, SessionRow
+from ..operators import ApiToken, ApiTokenRow, Operator, SessionRow
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,13 @@ class Tx(Protocol):
     async def list_operators(self) -> list[Operator]: ...
     async def operator_password_hash(self, name: str) -> str | None: ...
     async def set_operator_password(self, name: str, password_hash: str, at: datetime) -> bool: ...
+    async def replace_operator_password_hash(self, name: str, old: str, new: str) -> bool:
+        """The same password rehashed; False if the stored hash is no longer `old`."""
+    async def set_operator_role(self, name: str, role: str) -> bool:
+        """-> changed; False if it already had `role` (or there is no such operator)."""
+    async def enable_operator(self, name: str) -> bool:
+        """-> enabled; False (nothing changed) if it was not disabled."""
+    async def enabled_admins(self) -> list[str]: ...
     async def disable_operator(self, name: str, at: datetime) -> bool:
         """-> disabled; False (nothing changed) if it already was."""
     async def insert_operator_session(self, digest: bytes, name: str, source: str | None, at: datetime) -> None: ...
@@ -137,7 +144,10 @@ class Tx(Protocol):
     async def prune_operator_sessions(self, idle_before: datetime, created_before: datetime) -> int:
         """Drop sessions last seen at or before `idle_before` or opened at or before `created_before`."""
     async def insert_operator_token(self, digest: bytes, name: str, at: datetime, expires_at: datetime,
-                                    by: str) -> None: ...
+                                    by: str, label: str | None = None) -> int:
+        """-> the token's id (what lists show and revocation names; not its secret)."""
+    async def list_operator_tokens(self, name: str) -> list[ApiToken]: ...
+    async def delete_operator_token(self, name: str, token_id: int) -> bool: ...
     async def operator_token(self, digest: bytes) -> ApiTokenRow | None:
         """The API token (with its operator as it is now), expired or not: the caller judges."""
     async def delete_operator_tokens(self, name: str) -> int: ...
@@ -145,7 +155,16 @@ class Tx(Protocol):
     # audit
     async def append_audit(self, event: AuditEvent, at: datetime) -> str: ...
     async def audit_rows(self, *, device_id: str | None = None, actions: Collection[str] | None = None,
-                         after_id: int = 0) -> list[AuditRow]: ...   # oldest first; all, or those filtered
+                         after_id: int = 0, limit: int | None = None) -> list[AuditRow]:
+        """Oldest first: all after `after_id`, or those filtered, up to `limit`."""
+    async def audit_entries(self, *, device_id: str | None = None, actor: str | None = None,
+                            action: str | None = None, before_id: int | None = None,
+                            limit: int = 100) -> list[AuditRow]:
+        """Newest first: the `limit` newest entries matching every filter given, below `before_id`."""
+    async def audit_count(self, *, device_id: str | None = None, actor: str | None = None,
+                          action: str | None = None) -> int: ...
+    async def audit_actions(self) -> list[str]:
+        """The distinct actions in the log, sorted."""
 
 
 class Store(Protocol):

@@ -155,6 +155,9 @@ class _Threaded:
         return await self._conn.execute_fetchall(sql, args)
 
 
+_AUDIT_COLUMNS = "id, at, actor, action, device_id, serial, detail, prev_hash, hash"
+
+
 class SQLiteTx(FailureQueries, ApprovalQueries, OperatorQueries):
     """The `Tx` methods over one connection (`_Direct` in writes, `_Threaded` in reads)."""
 
@@ -443,7 +446,7 @@ class SQLiteTx(FailureQueries, ApprovalQueries, OperatorQueries):
             (new_id, at_text, event.actor, event.action, event.device_id, serial, detail, prev, digest))
         return digest
 
-    async def audit_rows(self, *, device_id=None, actions=None, after_id=0):
+    async def audit_rows(self, *, device_id=None, actions=None, after_id=0, limit=None):
         where, args = ["id > ?"], [after_id]
         if device_id is not None:
             where.append("device_id = ?")
@@ -451,9 +454,41 @@ class SQLiteTx(FailureQueries, ApprovalQueries, OperatorQueries):
         if actions is not None:
             where.append(f"action IN ({','.join('?' * len(actions))})" if actions else "0")
             args.extend(actions)
-        rows = await self._all("SELECT id, at, actor, action, device_id, serial, detail, prev_hash, hash "
-                               f"FROM audit_log WHERE {' AND '.join(where)} ORDER BY id", tuple(args))
+        bound = "" if limit is None else f" LIMIT {int(limit)}"
+        rows = await self._all(f"SELECT {_AUDIT_COLUMNS} FROM audit_log WHERE {' AND '.join(where)} ORDER BY id{bound}",
+                               tuple(args))
         return [audit.AuditRow(*r) for r in rows]
+
+    @staticmethod
+    def _audit_filter(device_id, actor, action, before_id) -> tuple[str, tuple]:
+        where, args = ["1"], []
+        for column, value in (("device_id", device_id), ("actor", actor), ("action", action)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if before_id is not None:
+            where.append("id < ?")
+            args.append(before_id)
+        return " AND ".join(where), tuple(args)
+
+    async def audit_entries(self, *, device_id=None, actor=None, action=None, before_id=None, limit=100):
+        where, args = self._audit_filter(device_id, actor, action, before_id)
+        rows = await self._all(f"SELECT {_AUDIT_COLUMNS} FROM audit_log WHERE {where} ORDER BY id DESC LIMIT ?",
+                               (*args, int(limit)))
+        return [audit.AuditRow(*r) for r in rows]
+
+    async def audit_count(self, *, device_id=None, actor=None, action=None):
+        if device_id is None and actor is None and action is None:   # ids run 1, 2, ... (the chain's)
+            return (await self._one("SELECT COALESCE(MAX(id), 0) FROM audit_log"))[0]
+        where, args = self._audit_filter(device_id, actor, action, None)
+        return (await self._one(f"SELECT COUNT(*) FROM audit_log WHERE {where}", args))[0]
+
+    async def audit_actions(self):
+        # a skip scan of the action index: one probe per distinct action, not a read of every entry
+        rows = await self._all("WITH RECURSIVE a(action) AS (SELECT MIN(action) FROM audit_log UNION ALL "
+                               "SELECT (SELECT MIN(action) FROM audit_log WHERE action > a.action) FROM a "
+                               "WHERE a.action IS NOT NULL) SELECT action FROM a WHERE action IS NOT NULL")
+        return [r[0] for r in rows]
 
 
 class SQLiteStore:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from ..operators import ApiTokenRow, Operator, SessionRow
+from ..operators import ApiToken, ApiTokenRow, Operator, SessionRow
 from ..timefmt import from_rfc3339, to_rfc3339
 
 _COLUMNS = "o.name, o.role, o.disabled_at, o.created_at, o.password_changed_at"
@@ -39,6 +39,25 @@ class OperatorQueries:
         cursor = await self._c.execute("UPDATE operators SET password_hash = ?, password_changed_at = ? WHERE name = ?",
                                        (password_hash, to_rfc3339(at), name))
         return cursor.rowcount == 1
+
+    async def replace_operator_password_hash(self, name: str, old: str, new: str) -> bool:
+        """The same password hashed anew (a rehash on login), unless it changed meanwhile."""
+        cursor = await self._c.execute("UPDATE operators SET password_hash = ? WHERE name = ? AND password_hash = ?",
+                                       (new, name, old))
+        return cursor.rowcount == 1
+
+    async def set_operator_role(self, name: str, role: str) -> bool:
+        cursor = await self._c.execute("UPDATE operators SET role = ? WHERE name = ? AND role != ?", (role, name, role))
+        return cursor.rowcount == 1
+
+    async def enable_operator(self, name: str) -> bool:
+        cursor = await self._c.execute("UPDATE operators SET disabled_at = NULL WHERE name = ? AND disabled_at IS NOT NULL",
+                                       (name,))
+        return cursor.rowcount == 1
+
+    async def enabled_admins(self) -> list[str]:
+        return [r[0] for r in await self._all(
+            "SELECT name FROM operators WHERE role = 'admin' AND disabled_at IS NULL ORDER BY name")]
 
     async def disable_operator(self, name: str, at: datetime) -> bool:
         cursor = await self._c.execute("UPDATE operators SET disabled_at = ? WHERE name = ? AND disabled_at IS NULL",
@@ -75,9 +94,21 @@ class OperatorQueries:
 
     # API tokens
     async def insert_operator_token(self, digest: bytes, name: str, at: datetime, expires_at: datetime,
-                                    by: str) -> None:
-        await self._c.execute("INSERT INTO operator_tokens (digest, operator, created_at, created_by, expires_at) "
-                              "VALUES (?, ?, ?, ?, ?)", (digest, name, to_rfc3339(at), by, to_rfc3339(expires_at)))
+                                    by: str, label: str | None = None) -> int:
+        cursor = await self._c.execute(
+            "INSERT INTO operator_tokens (digest, operator, created_at, created_by, expires_at, label) "
+            "VALUES (?, ?, ?, ?, ?, ?)", (digest, name, to_rfc3339(at), by, to_rfc3339(expires_at), label))
+        return cursor.lastrowid
+
+    async def list_operator_tokens(self, name: str) -> list[ApiToken]:
+        return [ApiToken(id=r[0], operator=name, label=r[1], created_at=from_rfc3339(r[2]), created_by=r[3],
+                         expires_at=from_rfc3339(r[4]))
+                for r in await self._all("SELECT id, label, created_at, created_by, expires_at FROM operator_tokens "
+                                         "WHERE operator = ? ORDER BY id", (name,))]
+
+    async def delete_operator_token(self, name: str, token_id: int) -> bool:
+        cursor = await self._c.execute("DELETE FROM operator_tokens WHERE operator = ? AND id = ?", (name, token_id))
+        return cursor.rowcount == 1
 
     async def operator_token(self, digest: bytes) -> ApiTokenRow | None:
         row = await self._one(f"SELECT {_COLUMNS}, t.expires_at FROM operator_tokens t "

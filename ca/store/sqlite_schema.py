@@ -268,6 +268,28 @@ MIGRATIONS: list[str] = [
     CREATE INDEX audit_log_device ON audit_log(device_id, id) WHERE device_id IS NOT NULL;
     CREATE INDEX audit_log_action ON audit_log(action, id);
     """,
+    # 15: an API token's label (what integration holds it), so that an admin who lists an
+    # operator's tokens can tell them apart and revoke one by id; ids AUTOINCREMENT, never reused
+    # (a revoked token's id named again, in the audit or a late revocation, must not be a newer
+    # token); the audit log by actor (the console's filter, read by index as device and action are)
+    """
+    CREATE TABLE operator_tokens_15 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        digest BLOB NOT NULL UNIQUE CHECK (length(digest) = 32),
+        operator TEXT NOT NULL REFERENCES operators(name),
+        created_at TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        expires_at TEXT NOT NULL,
+        label TEXT CHECK (label IS NULL OR length(label) <= 64)
+    );
+    INSERT INTO operator_tokens_15 (id, digest, operator, created_at, created_by, expires_at)
+        SELECT id, digest, operator, created_at, created_by, expires_at FROM operator_tokens;
+    DROP TABLE operator_tokens;
+    ALTER TABLE operator_tokens_15 RENAME TO operator_tokens;
+    CREATE INDEX operator_tokens_operator ON operator_tokens(operator);
+    CREATE INDEX operator_tokens_expires ON operator_tokens(expires_at);
+    CREATE INDEX audit_log_actor ON audit_log(actor, id);
+    """,
 ]
 
 

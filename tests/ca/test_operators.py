@@ -291,7 +291,7 @@ async def test_logout_ends_the_session_and_is_audited(authority):
 
 async def test_disable_ends_sessions_and_tokens_and_refuses_new_ones(authority):
     op, secret = await _logged_in(authority)
-    token, _ = await authority.operators.new_api_token("alice", lifetime=timedelta(days=1), actor=ADMIN)
+    token, _, _ = await authority.operators.new_api_token("alice", lifetime=timedelta(days=1), actor=ADMIN)
     disabled = await authority.operators.disable("alice", actor=ADMIN)
     assert disabled.disabled and (await authority.operators.get("alice")).disabled
     with pytest.raises(UnauthorizedError):
@@ -313,7 +313,7 @@ async def test_disable_ends_sessions_and_tokens_and_refuses_new_ones(authority):
 async def test_a_disabled_account_is_refused_even_where_its_rows_remain(authority):
     """Disable deletes sessions and tokens; each lookup checks the account too (belt and braces)."""
     _, secret = await _logged_in(authority)
-    token, _ = await authority.operators.new_api_token("alice", lifetime=timedelta(days=1), actor=ADMIN)
+    token, _, _ = await authority.operators.new_api_token("alice", lifetime=timedelta(days=1), actor=ADMIN)
     conn = sqlite3.connect(authority.config.database)
     conn.execute("UPDATE operators SET disabled_at = '2026-11-22T12:00:00Z' WHERE name = 'alice'")
     conn.commit()
@@ -326,7 +326,7 @@ async def test_a_disabled_account_is_refused_even_where_its_rows_remain(authorit
 
 async def test_a_password_change_ends_sessions_and_the_old_password(authority, clock):
     _, secret = await _logged_in(authority)
-    token, _ = await authority.operators.new_api_token("alice", lifetime=timedelta(days=1), actor=ADMIN)
+    token, _, _ = await authority.operators.new_api_token("alice", lifetime=timedelta(days=1), actor=ADMIN)
     clock.advance(minutes=1)
     await authority.operators.set_password("alice", OTHER_PASSWORD, actor="operator:alice:security")
     with pytest.raises(UnauthorizedError):
@@ -347,7 +347,7 @@ async def test_a_password_change_ends_sessions_and_the_old_password(authority, c
 
 async def test_an_api_token_lasts_its_lifetime(authority, clock):
     await authority.operators.add("ci", "auditor", PASSWORD, actor=ADMIN)
-    token, expires = await authority.operators.new_api_token("ci", lifetime=timedelta(days=90), actor=ADMIN)
+    token, expires, _ = await authority.operators.new_api_token("ci", lifetime=timedelta(days=90), actor=ADMIN)
     assert token.startswith("iomtop_") and len(token) > 40 and expires == clock.now + timedelta(days=90)
     assert (await authority.operators.bearer(token, source=A)).name == "ci"
     clock.advance(days=90)
@@ -360,13 +360,14 @@ async def test_an_api_token_lasts_its_lifetime(authority, clock):
         with pytest.raises(BadRequestError, match="at most 365 days"):
             await authority.operators.new_api_token("ci", lifetime=lifetime, actor=ADMIN)
     [row] = await audit(authority, "operator_token_created")
-    assert row.actor == ADMIN and json.loads(row.detail) == {"operator": "ci", "expires_at": expires.isoformat()}
+    assert row.actor == ADMIN and json.loads(row.detail) == {"operator": "ci", "token_id": 1, "label": None,
+                                                             "expires_at": expires.isoformat()}
     assert token not in row.detail
 
 
 async def test_token_guessing_is_throttled_per_source_and_a_valid_token_still_passes(authority):
     await authority.operators.add("ci", "auditor", PASSWORD, actor=ADMIN)
-    token, _ = await authority.operators.new_api_token("ci", lifetime=timedelta(days=1), actor=ADMIN)
+    token, _, _ = await authority.operators.new_api_token("ci", lifetime=timedelta(days=1), actor=ADMIN)
     for n in range(failures.DEVICE_SOURCE_LIMIT):
         with pytest.raises(NotAcceptedError):
             await authority.operators.bearer(f"iomtop_guess{n}", source=A)
@@ -380,7 +381,7 @@ async def test_token_guessing_is_throttled_per_source_and_a_valid_token_still_pa
 async def test_the_database_holds_digests_not_secrets_or_passwords(ca_home, clock):
     authority = await Authority.open(ca_home, clock=clock)
     op, session = await _logged_in(authority)
-    token, _ = await authority.operators.new_api_token("alice", lifetime=timedelta(days=1), actor=ADMIN)
+    token, _, _ = await authority.operators.new_api_token("alice", lifetime=timedelta(days=1), actor=ADMIN)
     database = authority.config.database
     await authority.close()
     conn = sqlite3.connect(database)
@@ -425,6 +426,9 @@ class SessionMachine(RuleBasedStateMachine):
         self.ops = Operators(self.store, self.clock, session_idle=timedelta(minutes=15),
                              session_max=timedelta(hours=2), limits=lambda: no_limit)
         self.disabled: set[str] = set()
+        self.role = {name: "engineer" for name in NAMES}
+        self.token_id: dict[str, int] = {}
+        self.ended: set[str] = set()   # tokens revoked, or ended with their operator's disabling
         self.password = {name: PASSWORD for name in NAMES}
         self.live: dict[str, list] = {}      # session secret -> [operator, opened, last written]
         self.expires: dict[str, tuple[str, object]] = {}   # token -> (operator, expires_at)
@@ -448,7 +452,7 @@ class SessionMachine(RuleBasedStateMachine):
 
     def token_ok(self, token: str) -> bool:
         name, expires = self.expires[token]
-        return name not in self.disabled and self.clock.now < expires
+        return name not in self.disabled and token not in self.ended and self.clock.now < expires
 
     @rule(target=sessions, name=st.sampled_from(NAMES), right=st.booleans())
     def login(self, name, right):
@@ -473,7 +477,7 @@ class SessionMachine(RuleBasedStateMachine):
             return
         assert expected, "an ended session authenticated"
         entry = self.live[secret]
-        assert op.name == entry[0]
+        assert op.name == entry[0] and op.role == self.role[op.name], "a session kept an old role"
         if self.clock.now - entry[2] >= operators.TOUCH_AFTER:
             entry[2] = self.clock.now
 
@@ -485,11 +489,14 @@ class SessionMachine(RuleBasedStateMachine):
     @rule(target=tokens, name=st.sampled_from(NAMES), hours=st.integers(1, 48))
     def new_token(self, name, hours):
         try:
-            token, expires = self.run(self.ops.new_api_token(name, lifetime=timedelta(hours=hours), actor=ADMIN))
+            token, expires, token_id = self.run(self.ops.new_api_token(name, lifetime=timedelta(hours=hours),
+                                                                       actor=ADMIN))
         except PolicyViolationError:
             assert name in self.disabled
             return "iomtop_never-a-token"
         self.expires[token] = (name, expires)
+        self.token_id[token] = token_id
+        assert token_id in {t.id for t in self.run(self.ops.api_tokens(name))}
         return token
 
     @rule(token=tokens)
@@ -502,10 +509,52 @@ class SessionMachine(RuleBasedStateMachine):
             return
         assert expected, "an expired or disabled operator's token authenticated"
 
+    def last_admin(self, name: str) -> bool:
+        return [n for n in NAMES if self.role[n] == "admin" and n not in self.disabled] == [name]
+
     @rule(name=st.sampled_from(NAMES))
     def disable(self, name):
+        if name not in self.disabled and self.last_admin(name):
+            with pytest.raises(ConflictError, match="last enabled admin"):
+                self.run(self.ops.disable(name, actor=ADMIN))
+            return
         self.run(self.ops.disable(name, actor=ADMIN))
         self.disabled.add(name)
+        self.ended |= {t for t, (n, _) in self.expires.items() if n == name}
+        self.live = {s: v for s, v in self.live.items() if v[0] != name}
+
+    @rule(name=st.sampled_from(NAMES))
+    def enable(self, name):
+        self.run(self.ops.enable(name, actor=ADMIN))
+        self.disabled.discard(name)
+
+    @rule(name=st.sampled_from(NAMES), role=st.sampled_from(ROLES))
+    def set_role(self, name, role):
+        if role != "admin" and name not in self.disabled and self.last_admin(name):
+            with pytest.raises(ConflictError, match="last enabled admin"):
+                self.run(self.ops.set_role(name, role, actor=ADMIN))
+            return
+        assert self.run(self.ops.set_role(name, role, actor=ADMIN)).role == role
+        self.role[name] = role
+
+    @rule(token=tokens)
+    def revoke_token(self, token):
+        if token not in self.expires:
+            return
+        name, expires = self.expires[token]
+        try:
+            self.run(self.ops.revoke_api_token(name, self.token_id[token], actor=ADMIN))
+        except NotFoundError:   # revoked or ended before, or pruned once expired
+            assert token in self.ended or self.clock.now >= expires, "a live token could not be revoked"
+            return
+        assert token not in self.ended, "an ended token was found again"
+        self.ended.add(token)
+
+    @invariant()
+    def an_admin_stays_if_there_was_one(self):
+        stored = {o.name: o for o in self.run(self.ops.list())}
+        assert {n: (o.role, o.disabled) for n, o in stored.items()} == {
+            n: (self.role[n], n in self.disabled) for n in NAMES}
 
     @rule(name=st.sampled_from(NAMES))
     def change_password(self, name):
@@ -535,3 +584,22 @@ def test_session_machine(monkeypatch):
     monkeypatch.setattr(operators, "SCRYPT_N", 2 ** 10)
     run_state_machine_as_test(SessionMachine, settings=settings(
         max_examples=30, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]))
+
+
+async def test_a_login_rehashes_a_password_stored_with_older_parameters(authority, monkeypatch):
+    monkeypatch.setattr(operators, "SCRYPT_N", 2 ** 12)   # the parameters of an older release
+    await authority.operators.add("olga", "auditor", PASSWORD, actor=ADMIN)
+    monkeypatch.undo()
+    async with authority.store.read() as tx:
+        old = await tx.operator_password_hash("olga")
+    assert old.startswith("scrypt$4096$") and not operators.current_parameters(old)
+    await authority.operators.login("olga", PASSWORD, source=A)
+    async with authority.store.read() as tx:
+        new = await tx.operator_password_hash("olga")
+    assert new.startswith(f"scrypt${operators.SCRYPT_N}$") and operators.current_parameters(new)
+    assert verify_password(PASSWORD, new) and not verify_password(OTHER_PASSWORD, new)
+    await authority.operators.login("olga", PASSWORD, source=A)   # and logs in after
+    async with authority.store.read() as tx:
+        assert await tx.operator_password_hash("olga") == new      # no rehash of a current one
+    async with authority.store.write() as tx:   # a rehash never overwrites a password changed meanwhile
+        assert not await tx.replace_operator_password_hash("olga", old, hash_password(OTHER_PASSWORD))

@@ -5,6 +5,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from datetime import timedelta
 
 import pytest
 
@@ -174,3 +175,33 @@ def _record(serial, not_after):
     from tests.conftest import T0
     return CertRecord(serial=serial, device_id=None, profile="server", not_before=T0, not_after=not_after,
                       der=b"\x00", created_at=T0)
+
+
+async def test_migration_15_keeps_api_tokens_and_never_reuses_an_id(tmp_path):
+    """operator_tokens is rebuilt with AUTOINCREMENT: tokens of version 14 stay, and the id of a
+    revoked newest token is not handed out again (without it SQLite reuses the largest rowid)."""
+    from ca.store.sqlite_schema import _statements
+    path = tmp_path / "v14.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA foreign_keys = ON")
+    for script in MIGRATIONS[:14]:
+        for statement in _statements(script):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 14")
+    conn.execute("INSERT INTO operators (name, role, password_hash, created_at, created_by) "
+                 "VALUES ('ci', 'auditor', 'scrypt$x', '2026-11-22T12:00:00Z', 'test')")
+    for n in (1, 2):
+        conn.execute("INSERT INTO operator_tokens (digest, operator, created_at, created_by, expires_at) "
+                     "VALUES (?, 'ci', '2026-11-22T12:00:00Z', 'test', '2027-01-01T00:00:00Z')", (bytes([n]) * 32,))
+    conn.close()
+    store = await SQLiteStore.open(path)
+    try:
+        async with store.read() as tx:
+            assert [(t.id, t.label) for t in await tx.list_operator_tokens("ci")] == [(1, None), (2, None)]
+        async with store.write() as tx:
+            assert await tx.delete_operator_token("ci", 2)
+            from tests.conftest import T0
+            new_id = await tx.insert_operator_token(b"\x03" * 32, "ci", T0, T0 + timedelta(days=1), "test", "x")
+        assert new_id == 3
+    finally:
+        await store.close()

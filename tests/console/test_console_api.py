@@ -229,9 +229,9 @@ def test_the_openapi_document_is_served_and_names_every_api_route(srv):
     assert served.status == 200 and json.loads(served.body) == json.loads(OPENAPI.read_text())
     from aiohttp import web
 
-    from console import api as console_api, evidence_routes, sync
+    from console import api as console_api, evidence_routes, operators_api, sync
     app = web.Application()
-    for module in (console_api, sync, evidence_routes):
+    for module in (console_api, operators_api, sync, evidence_routes):
         module.add_routes(app)
     routes = {(r.method.lower(), r.resource.canonical) for r in app.router.routes()
               if r.method != "HEAD" and r.resource.canonical.startswith("/api/")}

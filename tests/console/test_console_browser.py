@@ -163,6 +163,7 @@ def test_the_console_walk_through(srv, ca, browser, tokens, shots, tools):
     other_cert = srv.enroll(other, ca.add_device(other))
     auditor.go(f"/devices/{other}")
     assert auditor.page.get_by_role("link", name="Revoke").count() == 0
+    assert auditor.page.get_by_role("link", name="Operators").count() == 0   # accounts are the admin's
     denied = api(srv, f"/api/v1/certificates/{other_cert.serial_hex}/revoke", "-X", "POST", "-H",
                  "Content-Type: application/json", "--data-binary", '{"reason": "keyCompromise"}', token=tokens["auditor"])
     assert denied.status == 403
@@ -179,6 +180,30 @@ def test_the_console_walk_through(srv, ca, browser, tokens, shots, tools):
     assert auditor.page.locator("header nav").is_hidden() and auditor.page.get_by_text(device).first.is_visible()
     auditor.page.emulate_media(media="screen")
     auditor.close()
+
+    # an admin adds an account: the generated password, shown once, logs in
+    admin = Session(browser, srv, shots, "admin")
+    admin.login()
+    admin.page.get_by_role("link", name="Operators").click()
+    newcomer = ca.unique("nurse").lower()
+    admin.page.get_by_label("Name (lowercase letters, digits, '.', '_', '-')").fill(newcomer)
+    admin.page.get_by_label("Role").select_option("engineer")
+    admin.shot("operators")
+    admin.page.get_by_role("button", name="Add operator").click()
+    password = admin.page.locator("code.token").inner_text()
+    admin.go(f"/operators/{newcomer}")
+    assert admin.page.get_by_role("heading", name=f"Operator {newcomer}").is_visible()
+    admin.shot("operator")
+    admin.close()
+    first = Session(browser, srv, shots, "engineer")
+    first.go("/login")
+    first.page.get_by_label("Operator name").fill(newcomer)
+    first.page.get_by_label("Password").fill(password)
+    first.page.get_by_role("button", name="Log in").click()
+    first.page.wait_for_url(srv.console + "/")
+    first.page.get_by_role("link", name=re.compile(f"{newcomer} \\(engineer\\)")).click()
+    assert first.page.get_by_role("heading", name="Your account").is_visible()
+    first.close()
 
     document = api(srv, "/api/v1/evidence", token=tokens["auditor"])
     assert document.status == 200 and any(d["device_id"] == device for d in json.loads(document.body)["devices"])
