@@ -2,7 +2,8 @@
 entries on every page view (ca/audit.py says what the chain is).
 
 `ChainMonitor.status()` verifies the whole log on its first call and again once `full_every`
-has passed since the last full pass; between those it verifies only the entries added since,
+has passed since the last full pass, in a background task that a caller waits for as long as it
+chooses (a page waits half a second, then shows what was verified so far); between those it verifies only the entries added since,
 continuing from the last verified entry, and first re-reads that entry: whoever rewrites history
 must recompute every later hash to keep the chain whole, which changes it, and that starts a full
 pass at once. An entry edited in place without recomputing (its hash no longer matches) is found
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -40,11 +41,13 @@ class ChainStatus:
     problem_count: int
     entries: int                # verified, from the first entry to the head
     head: str | None            # the newest entry's hash
-    full_at: datetime           # when the whole log was last verified
+    full_at: datetime | None    # when the last full pass started (None: the first is running)
+    complete: bool              # False: the first full pass is still running, `entries` verified so far
 
     def json(self) -> dict:
-        return {"intact": self.intact, "problems": list(self.problems), "entries": self.entries,
-                "head": self.head, "verified_in_full_at": self.full_at.isoformat()}
+        return {"intact": self.intact, "complete": self.complete, "problems": list(self.problems),
+                "entries": self.entries, "head": self.head,
+                "verified_in_full_at": None if self.full_at is None else self.full_at.isoformat()}
 
 
 class ChainMonitor:
@@ -55,53 +58,99 @@ class ChainMonitor:
         self.full_every = full_every
         self.chunk = chunk
         self._lock = asyncio.Lock()
-        self._full_at: datetime | None = None
+        self._full_at: datetime | None = None   # when the last finished full pass started
         self._lost: list[str] = []   # checkpoints that no longer hold
-        self._reset()
+        self._state = _Progress()
+        self._pass: asyncio.Task | None = None
 
-    def _reset(self) -> None:
-        self._through_id, self._through_hash = 0, GENESIS
-        self._problems: list[str] = []
-        self._problem_count = 0
+    async def status(self, *, wait: float | None = None) -> ChainStatus:
+        """The chain as verified so far. A full pass that is due starts in the background; this
+        waits for it up to `wait` seconds (None: until it ends), then answers with what was
+        verified by then (`complete` False while the first pass is still running)."""
+        now = self._clock()
+        if self._pass is None and (self._full_at is None or now - self._full_at >= self.full_every):
+            self._pass = asyncio.create_task(self._full_pass(now))
+        if self._pass is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._pass), wait)
+            except asyncio.TimeoutError:
+                pass
+        if self._pass is None:   # between full passes: the entries added since, after the checkpoint
+            async with self._lock:
+                holds = await self._checkpoint_holds()
+                if holds:
+                    await self._extend()
+            if not holds:   # the pass reports it, and verifies what is there now
+                self._pass = asyncio.create_task(self._full_pass(now))
+                return await self.status(wait=wait)
+        return self._snapshot()
 
-    async def status(self) -> ChainStatus:
-        async with self._lock:
-            now = self._clock()
-            holds = await self._checkpoint_holds()
-            if not holds:   # sticky for this process: what was verified once is gone
-                self._lost.append(f"entry {self._through_id} (hash {self._through_hash[:16]}...), verified here "
-                                  f"before {now.isoformat()}, is gone or changed: history was rewritten, "
-                                  "or entries were cut off the end")
-                log.error("audit chain: %s", self._lost[-1])
-            if self._full_at is None or now - self._full_at >= self.full_every or not holds:
-                self._reset()
-                self._full_at = now
-            await self._extend()
-            problems = self._lost + self._problems
-            return ChainStatus(intact=not problems, problems=tuple(problems[:MAX_PROBLEMS]),
-                               problem_count=len(self._lost) + self._problem_count, entries=self._through_id,
-                               head=None if self._through_id == 0 else self._through_hash, full_at=self._full_at)
+    def _snapshot(self) -> ChainStatus:
+        state = self._state
+        problems = self._lost + state.problems
+        return ChainStatus(intact=not problems, problems=tuple(problems[:MAX_PROBLEMS]),
+                           problem_count=len(self._lost) + state.problem_count, entries=state.through_id,
+                           head=None if state.through_id == 0 else state.through_hash, full_at=self._full_at,
+                           complete=self._full_at is not None)
+
+    def _lost_checkpoint(self, now: datetime) -> None:
+        state = self._state
+        self._lost.append(f"entry {state.through_id} (hash {state.through_hash[:16]}...), verified here "
+                          f"before {now.isoformat()}, is gone or changed: history was rewritten, "
+                          "or entries were cut off the end")
+        log.error("audit chain: %s", self._lost[-1])
+
+    async def _full_pass(self, started: datetime) -> None:
+        """Verify the whole log into a fresh state; it replaces the old one when done (until then
+        the old one, if any, is what status() shows)."""
+        fresh = _Progress()
+        if self._full_at is None:
+            self._state = fresh   # the first pass: show its progress
+        try:
+            async with self._lock:
+                if self._state is not fresh and not await self._checkpoint_holds():
+                    self._lost_checkpoint(self._clock())
+            await self._extend(fresh)
+            async with self._lock:
+                await self._extend(fresh)   # what came in meanwhile
+                self._state, self._full_at = fresh, started
+        except Exception:   # the store failed: the next status() starts another pass
+            log.exception("audit chain: the verification pass failed")
+        finally:
+            self._pass = None
 
     async def _checkpoint_holds(self) -> bool:
-        if self._through_id == 0:
+        state = self._state
+        if state.through_id == 0:
             return True
         async with self._store.read() as tx:
-            rows = await tx.audit_rows(after_id=self._through_id - 1, limit=1)
-        return bool(rows) and rows[0].id == self._through_id and rows[0].hash == self._through_hash
+            rows = await tx.audit_rows(after_id=state.through_id - 1, limit=1)
+        return bool(rows) and rows[0].id == state.through_id and rows[0].hash == state.through_hash
 
-    async def _extend(self) -> None:
-        """Verify the entries after the checkpoint, a page at a time."""
+    async def _extend(self, state: "_Progress | None" = None) -> None:
+        """Verify the entries after `state`'s checkpoint (the current state's by default), a page at a time."""
+        state = state or self._state
         while True:
             async with self._store.read() as tx:
-                rows = await tx.audit_rows(after_id=self._through_id, limit=self.chunk)
+                rows = await tx.audit_rows(after_id=state.through_id, limit=self.chunk)
             if not rows:
                 return
-            found = verify_chain(rows, prev=self._through_hash)
-            if found and not self._problems:
+            found = verify_chain(rows, prev=state.through_hash)
+            if found and not state.problems:
                 log.error("audit chain: %s", found[0])
-            self._problem_count += len(found)
-            self._problems.extend(found[:MAX_PROBLEMS - len(self._problems)])
-            self._through_id, self._through_hash = rows[-1].id, rows[-1].hash
+            state.problem_count += len(found)
+            state.problems.extend(found[:MAX_PROBLEMS - len(state.problems)])
+            state.through_id, state.through_hash = rows[-1].id, rows[-1].hash
             if len(rows) < self.chunk:
                 return
             await asyncio.sleep(0)   # other requests run between pages
+
+
+@dataclass
+class _Progress:
+    """How far one verification got: the last entry verified and what was wrong before it."""
+
+    through_id: int = 0
+    through_hash: str = GENESIS
+    problems: list[str] = field(default_factory=list)
+    problem_count: int = 0

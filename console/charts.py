@@ -4,7 +4,7 @@ renewals per hour over the last 7 days. Each chart has a <title> and a <desc> th
 numbers in words, for screen readers and for anyone who prints the page."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from html import escape
@@ -21,12 +21,15 @@ class Series:
     counts: list[int]
 
 
-def per_bucket(times: Iterable[datetime], start: datetime, step: timedelta, buckets: int) -> list[int]:
+def per_bucket(times: Iterable[datetime] | Mapping[datetime, int], start: datetime, step: timedelta,
+               buckets: int) -> list[int]:
+    """Counts per bucket of moments, or of {moment: how many} (counted by the store already)."""
     counts = [0] * buckets
-    for t in times:
+    weighted = times.items() if isinstance(times, Mapping) else ((t, 1) for t in times)
+    for t, n in weighted:
         index = (t - start) // step   # floor: a moment before `start` is bucket -1, not 0
         if 0 <= index < buckets:
-            counts[index] += 1
+            counts[index] += n
     return counts
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import urllib.parse
-from collections import Counter
 from datetime import timedelta
 
 from aiohttp import web
@@ -21,7 +20,6 @@ from .state import AUTHORITY, OPERATOR, SESSION, TEMPLATES
 
 
 ABSENCE_ACTIONS = frozenset({"device_absent_flagged", "certificate_held_absent", "device_returned"})
-OVERVIEW_ACTIONS = ABSENCE_ACTIONS | {"certificate_issued", "certificate_renewed", "posture_refused"}
 
 
 def render(request: web.Request, template: str, *, status: int = 200, **context) -> web.Response:
@@ -77,39 +75,41 @@ async def logout(request: web.Request) -> web.Response:
 
 
 async def overview(request: web.Request) -> web.Response:
+    """Counts, expiries and what needs attention, each counted by the store through an index
+    (store/sqlite_reports.py): current (unexpired) certificates, not every one ever issued; the
+    last 7 days of the audit log, per hour; the attendance entries, which are few."""
     api._operator(request, "read")
     authority = request.app[AUTHORITY]
-    devices = await authority.devices()
-    certs = await authority.certificates()
     now = authority.now()
-    current = {}
-    for c in certs:
-        if c.device_id and c.status.value == "good" and c.not_after > now:
-            current[c.device_id] = max(current.get(c.device_id, c.not_after), c.not_after)
-    soon = {label: sorted(d for d, t in current.items() if t <= now + delta)
-            for label, delta in (("24 h", timedelta(hours=24)), ("7 d", timedelta(days=7)))}
-    waiting = [r for r in await authority.pending_approvals() if not r.approved]
-    async with authority.store.read() as tx:
-        rows = await tx.audit_rows(actions=OVERVIEW_ACTIONS)
     since = now - timedelta(days=7)
+    async with authority.store.read() as tx:
+        device_status = await tx.device_status_counts()
+        cert_status = await tx.current_status_counts(now)
+        days, soon = await tx.expiry_summary(now, [now + timedelta(hours=24), now + timedelta(days=7)])
+        holds = await tx.devices_on_hold(now)
+        clones = await tx.clone_suspects()
+        first = await tx.audit_first_id_at(since)
+        hourly = await tx.audit_hourly(("certificate_issued", "certificate_renewed"), first)
+        refusals = await tx.audit_rows(actions=("posture_refused",), after_id=first - 1)
+        attendance = await tx.audit_rows(actions=ABSENCE_ACTIONS)
+    waiting = [r for r in await authority.pending_approvals() if not r.approved]
     # device certificates only: service certificates (server, OCSP, evidence) are audited as issued too
-    issued = {a: [t for r in rows if r.action == a and r.device_id and (t := from_rfc3339(r.at)) >= since]
-              for a in ("certificate_issued", "certificate_renewed")}
-    holds = sorted({c.device_id for c in certs if c.device_id and c.status.value == "hold" and c.not_after > now})
+    per_hour = {a: {from_rfc3339(f"{hour}:00:00Z"): n for (action, hour), n in hourly.items() if action == a}
+                for a in ("certificate_issued", "certificate_renewed")}
     away: dict[str, bool] = {}   # each device's latest word on attendance, in the log's order
-    for r in rows:
-        if r.device_id and r.action in ABSENCE_ACTIONS:
+    for r in attendance:
+        if r.device_id:
             away[r.device_id] = r.action != "device_returned"
     flagged = sorted(d for d, is_away in away.items() if is_away)
-    refusals = [views.audit_json(r) for r in rows if r.action == "posture_refused" and from_rfc3339(r.at) >= since]
+    refusals = [views.audit_json(r) for r in refusals if from_rfc3339(r.at) >= since]
     return render(request, "overview.html", holds=holds, flagged=flagged, refusals=refusals[-20:],
                   refusal_count=len(refusals),
-                  expiry_chart=charts.expiry_chart(current.values(), now),
-                  activity_chart=charts.activity_chart(issued["certificate_issued"], issued["certificate_renewed"], now),
-                  device_status=sorted(Counter(d.status.value for d in devices).items()),
-                  cert_status=sorted(Counter(c.status.value for c in certs if c.device_id).items()),
-                  expiring=soon, waiting=len(waiting), clones=[d.id for d in devices if d.clone_suspected_at],
-                  total=len(devices))
+                  expiry_chart=charts.expiry_chart({from_rfc3339(f"{d}T00:00:00Z"): n for d, n in days.items()}, now),
+                  activity_chart=charts.activity_chart(per_hour["certificate_issued"],
+                                                       per_hour["certificate_renewed"], now),
+                  device_status=sorted(device_status.items()), cert_status=sorted(cert_status.items()),
+                  expiring=dict(zip(("24 h", "7 d"), soon)), waiting=len(waiting), clones=clones,
+                  total=sum(device_status.values()))
 
 
 PAGE_SIZE = 50
@@ -177,6 +177,7 @@ async def audit_page(request: web.Request) -> web.Response:
         older = "/audit?" + urllib.parse.urlencode({**kept, "before": rows[-1].id})
     return render(request, "audit.html", entries=[views.audit_json(r) for r in rows], intact=chain.intact,
                   problems=chain.problems, head=chain.head, count=chain.entries, full_at=views.ts(chain.full_at),
+                  complete=chain.complete,
                   matched=matched, shown=len(rows), older=older, query=request.query, actions=actions)
 
 

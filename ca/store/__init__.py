@@ -165,6 +165,27 @@ class Tx(Protocol):
                           action: str | None = None) -> int: ...
     async def audit_actions(self) -> list[str]:
         """The distinct actions in the log, sorted."""
+    async def audit_first_id_at(self, since: datetime) -> int:
+        """The id of the first entry written at or after `since` (one past the last if none)."""
+    # reports: the console's pages and overview, by index (store/sqlite_reports.py)
+    async def device_page(self, *, fields: dict[str, str], q: str | None = None,
+                          expiring_until: datetime | None = None, absent_before: datetime | None = None,
+                          now: datetime, offset: int = 0, limit: int | None = 100
+                          ) -> tuple[list[tuple[Device, datetime | None]], int]:
+        """(devices with their current certificate's expiry, in id order, from `offset`; how many match)."""
+    async def device_status_counts(self) -> dict[str, int]: ...
+    async def clone_suspects(self) -> list[str]: ...
+    async def current_expiries(self, now: datetime) -> dict[str, datetime]:
+        """Each device's latest `not_after` of its unexpired certificates in status good."""
+    async def expiry_summary(self, now: datetime, horizons: list[datetime], sample: int = 20
+                             ) -> tuple[dict[str, int], list[tuple[int, list[str]]]]:
+        """Devices per UTC day their current certificate expires; per horizon, how many by then
+        and the first `sample` ids."""
+    async def audit_hourly(self, actions: tuple[str, ...], first_id: int) -> dict[tuple[str, str], int]:
+        """{(action, "YYYY-MM-DDTHH"): device entries} from `first_id` on."""
+    async def current_status_counts(self, now: datetime) -> dict[str, int]:
+        """Unexpired device certificates by status."""
+    async def devices_on_hold(self, now: datetime) -> list[str]: ...
 
 
 class Store(Protocol):

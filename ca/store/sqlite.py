@@ -51,6 +51,7 @@ from . import TokenRow
 from .sqlite_approvals import ApprovalQueries
 from .sqlite_failures import FailureQueries
 from .sqlite_operators import OperatorQueries
+from .sqlite_reports import AUDIT_COLUMNS, ReportQueries, casefold
 from .sqlite_schema import MIGRATIONS, migrate  # noqa: F401 (MIGRATIONS re-exported)
 
 BUSY_TIMEOUT_S = 30.0
@@ -155,11 +156,11 @@ class _Threaded:
         return await self._conn.execute_fetchall(sql, args)
 
 
-_AUDIT_COLUMNS = "id, at, actor, action, device_id, serial, detail, prev_hash, hash"
-
-
-class SQLiteTx(FailureQueries, ApprovalQueries, OperatorQueries):
+class SQLiteTx(FailureQueries, ApprovalQueries, OperatorQueries, ReportQueries):
     """The `Tx` methods over one connection (`_Direct` in writes, `_Threaded` in reads)."""
+
+    _device_columns = _DEVICE_COLUMNS   # for ReportQueries
+    _device_row = staticmethod(_device)
 
     def __init__(self, conn: _Direct | _Threaded) -> None:
         self._c = conn
@@ -455,40 +456,9 @@ class SQLiteTx(FailureQueries, ApprovalQueries, OperatorQueries):
             where.append(f"action IN ({','.join('?' * len(actions))})" if actions else "0")
             args.extend(actions)
         bound = "" if limit is None else f" LIMIT {int(limit)}"
-        rows = await self._all(f"SELECT {_AUDIT_COLUMNS} FROM audit_log WHERE {' AND '.join(where)} ORDER BY id{bound}",
+        rows = await self._all(f"SELECT {AUDIT_COLUMNS} FROM audit_log WHERE {' AND '.join(where)} ORDER BY id{bound}",
                                tuple(args))
         return [audit.AuditRow(*r) for r in rows]
-
-    @staticmethod
-    def _audit_filter(device_id, actor, action, before_id) -> tuple[str, tuple]:
-        where, args = ["1"], []
-        for column, value in (("device_id", device_id), ("actor", actor), ("action", action)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if before_id is not None:
-            where.append("id < ?")
-            args.append(before_id)
-        return " AND ".join(where), tuple(args)
-
-    async def audit_entries(self, *, device_id=None, actor=None, action=None, before_id=None, limit=100):
-        where, args = self._audit_filter(device_id, actor, action, before_id)
-        rows = await self._all(f"SELECT {_AUDIT_COLUMNS} FROM audit_log WHERE {where} ORDER BY id DESC LIMIT ?",
-                               (*args, int(limit)))
-        return [audit.AuditRow(*r) for r in rows]
-
-    async def audit_count(self, *, device_id=None, actor=None, action=None):
-        if device_id is None and actor is None and action is None:   # ids run 1, 2, ... (the chain's)
-            return (await self._one("SELECT COALESCE(MAX(id), 0) FROM audit_log"))[0]
-        where, args = self._audit_filter(device_id, actor, action, None)
-        return (await self._one(f"SELECT COUNT(*) FROM audit_log WHERE {where}", args))[0]
-
-    async def audit_actions(self):
-        # a skip scan of the action index: one probe per distinct action, not a read of every entry
-        rows = await self._all("WITH RECURSIVE a(action) AS (SELECT MIN(action) FROM audit_log UNION ALL "
-                               "SELECT (SELECT MIN(action) FROM audit_log WHERE action > a.action) FROM a "
-                               "WHERE a.action IS NOT NULL) SELECT action FROM a WHERE action IS NOT NULL")
-        return [r[0] for r in rows]
 
 
 class SQLiteStore:
@@ -509,6 +479,7 @@ class SQLiteStore:
         try:
             reader = await aiosqlite.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
                                              timeout=BUSY_TIMEOUT_S)
+            await reader.create_function("casefold", 1, casefold, deterministic=True)   # the console's search
         except BaseException:
             writer.close()
             raise

@@ -290,6 +290,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX operator_tokens_expires ON operator_tokens(expires_at);
     CREATE INDEX audit_log_actor ON audit_log(actor, id);
     """,
+    # 16: current certificates by expiry (the console's overview and expiring filters read the
+    # unexpired ones only, not every certificate ever issued)
+    """
+    CREATE INDEX certificates_not_after ON certificates(not_after);
+    """,
 ]
 
 

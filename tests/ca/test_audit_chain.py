@@ -120,3 +120,14 @@ async def test_filtered_pages_of_the_log_match_filtering_by_hand(authority, cloc
                 older = await tx.audit_entries(**wanted, before_id=newest[-1].id, limit=100)
                 assert older == list(reversed(expected))[2:], wanted
         assert await tx.audit_actions() == sorted({r.action for r in rows})
+
+
+async def test_the_first_pass_runs_in_the_background_and_a_caller_sees_its_progress(authority, clock):
+    await add_devices(authority, 12)
+    monitor = ChainMonitor(authority.store, clock, chunk=2)
+    early = await monitor.status(wait=0)   # the pass has started; nothing verified to the end yet
+    rows = await all_rows(authority)
+    assert not early.complete and early.full_at is None and early.entries < len(rows)
+    done = await monitor.status()
+    assert done.complete and done.intact and done.entries == len(rows) and done.full_at == clock.now
+    assert done.json()["verified_in_full_at"] == clock.now.isoformat()
