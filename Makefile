@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed
 # Debian packages whose commands the tests use as independent judges or peers, and the peers and
 # load generators the benchmarks measure against (the suite runs `make bench QUICK=1`'s harness).
 DEB_TOOLS := openssl:openssl mosquitto:mosquitto mosquitto_pub:mosquitto-clients certtool:gnutls-bin \
-             ocsptool:gnutls-bin curl:curl cfssl:golang-cfssl wrk:wrk testssl:testssl.sh chromium:chromium
+             ocsptool:gnutls-bin curl:curl cfssl:golang-cfssl wrk:wrk testssl:testssl.sh chromium:chromium \
+             systemd-analyze:systemd promtool:prometheus prometheus-blackbox-exporter:prometheus-blackbox-exporter
 BENCH_STAMP := $(VENV)/.bench-installed
 DEMO_DIR ?= demo-data
 

@@ -27,16 +27,23 @@ class AttendanceReport:
     flagged: list[str] = field(default_factory=list)            # high-criticality devices only flagged
 
 
-async def hold_absent(tx: Tx, config: CAConfig, now: datetime) -> AttendanceReport:
-    report = AttendanceReport()
+async def past_period(tx: Tx, config: CAConfig, now: datetime) -> list[Device]:
+    """Active devices without proven contact for longer than their non-attendance period."""
     periods = [p.non_attendance for p in (*config.models.values(), *config.criticality.values()) if p.non_attendance]
     if not periods:
-        return report
+        return []
+    away = []
     for device in await tx.absent_devices(now - min(periods)):
         period = config.non_attendance_for(device)
+        if period is not None and (device.last_proven_contact or device.created_at) < now - period:
+            away.append(device)
+    return away
+
+
+async def hold_absent(tx: Tx, config: CAConfig, now: datetime) -> AttendanceReport:
+    report = AttendanceReport()
+    for device in await past_period(tx, config, now):
         seen = device.last_proven_contact or device.created_at
-        if period is None or seen >= now - period:
-            continue
         if device.criticality is Criticality.HIGH and not config.attendance.hold_high_criticality:
             if await tx.flag_absent(device.id, now):
                 await tx.append_audit(AuditEvent("device_absent_flagged", ACTOR, device_id=device.id,

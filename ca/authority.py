@@ -16,7 +16,7 @@ from typing import Callable
 from cryptography import x509
 
 from . import approvals, attendance, failures, idevid, proof, status
-from . import policy
+from . import metrics, policy
 from .audit_chain import ChainMonitor
 from .codec import cert_der
 from .config import CAConfig, CAPaths, load_config
@@ -349,6 +349,8 @@ class Authority(Publication):
             serial=serial, now=now, lifetime=self.config.device_lifetime(device, prof.name), checked_key=key)
         await self._persist(tx, cert, device.id, prof.name, now, who, action,
                             extra={"renews": serial_hex(renews)} if renews else None)
+        tx.on_commit(metrics.ISSUED.labels(metrics.EDGE.get(),
+                                           "renewal" if action == "certificate_renewed" else "enrollment").inc)
         log.info("%s device=%s serial=%s profile=%s", action, device.id, serial_hex(serial), prof.name)
         return Issued(cert, self.issuer.chain, device.id, prof.name)
 

@@ -1,6 +1,7 @@
-"""The CA directory layout and the [ca] and [storage] sections of config.toml."""
+"""The CA directory layout and the [ca], [storage] and [audit] sections of config.toml."""
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
@@ -88,6 +89,15 @@ class ApprovalPolicy:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """[audit]: where and how often the server records the audit chain's head outside the
+    database (ca/audit_anchor.py), so entries cut off the end or a rewritten history show."""
+
+    anchor_file: Path = Path("audit-anchors.jsonl")   # CADIR/audit-anchors.jsonl once parsed
+    anchor_every: timedelta = timedelta(minutes=15)
+
+
+@dataclass(frozen=True)
 class CAConfig:
     trust_domain: str = "iomt.local"
     key_type: str = "ec-p256"
@@ -106,6 +116,7 @@ class CAConfig:
     database: Path = Path("iomtca.db")
     profiles: dict[str, profiles_mod.Profile] = field(default_factory=lambda: dict(profiles_mod.BUILTIN))
     models: dict[str, ModelPolicy] = field(default_factory=dict)
+    audit: AuditConfig = AuditConfig()
 
     @property
     def crl_url(self) -> str:
@@ -222,6 +233,36 @@ def _ocsp_lifetime(ca: dict) -> dict[str, timedelta]:
     return {"ocsp": signer}
 
 
+_AUDIT_KEYS = {"anchor_file", "anchor_every"}
+
+
+def _audit(section, home: Path, database: Path) -> AuditConfig:
+    """[audit]: the anchor file (relative to the CA directory) and how often it is written."""
+    if not isinstance(section, dict):
+        raise ConfigError("[audit] must be a table")
+    unknown = set(section) - _AUDIT_KEYS
+    if unknown:
+        raise ConfigError(f"[audit]: unknown setting(s) {', '.join(sorted(unknown))}")
+    defaults = AuditConfig()
+    name = section.get("anchor_file", str(defaults.anchor_file))
+    if not isinstance(name, str) or not name.strip() or "\0" in name or name.endswith(("/", "\\")):
+        raise ConfigError("[audit] anchor_file must name a file, e.g. \"audit-anchors.jsonl\" (in the CA "
+                          "directory) or an absolute path on another disk")
+    anchor_file = home / name
+    if anchor_file.name in ("", ".", ".."):
+        raise ConfigError(f"[audit] anchor_file {name!r} must name a file, not a directory")
+    # the anchors exist to catch what is done to the database: never the database or its journals
+    db = os.path.abspath(database)
+    if os.path.abspath(anchor_file) in (db, db + "-wal", db + "-shm", db + "-journal",
+                                        os.path.abspath(home / "config.toml")):
+        raise ConfigError(f"[audit] anchor_file {name!r} is the database or the configuration; "
+                          "it must be a file of its own, outside the database")
+    every = _duration(section, "anchor_every", defaults.anchor_every, "audit")
+    if every < timedelta(seconds=1):
+        raise ConfigError("[audit] anchor_every must be at least 1s")
+    return AuditConfig(anchor_file=anchor_file, anchor_every=every)
+
+
 def load_config(paths: CAPaths) -> CAConfig:
     try:
         raw = tomllib.loads(paths.config.read_text())
@@ -271,6 +312,7 @@ def parse_config(raw: dict, home: Path) -> CAConfig:
     approval = ApprovalPolicy(criticality, frozenset(approval_section.get("models", [])))
     passphrase_file = ca.get("passphrase_file")
     storage = raw.get("storage", {})
+    database = home / storage.get("path", str(defaults.database))
     return CAConfig(
         trust_domain=trust_domain,
         key_type=key_type,
@@ -285,9 +327,10 @@ def parse_config(raw: dict, home: Path) -> CAConfig:
         criticality=by_criticality,
         server_names=tuple(ca.get("server_names", defaults.server_names)),
         passphrase_file=(home / passphrase_file) if passphrase_file else None,
-        database=home / storage.get("path", str(defaults.database)),
+        database=database,
         profiles=profiles,
         models=models,
+        audit=_audit(raw.get("audit", {}), home, database),
     )
 
 
@@ -354,6 +397,13 @@ def render_config(cfg: CAConfig, *, passphrase_file: str | None) -> str:
         "",
         "[storage]",
         f"path = {toml_str(cfg.database.name)}",
+        "",
+        "# The server records the audit chain's head (entry id, hash, CRL number) in an append-only",
+        "# file outside the database; `iomtca audit verify` checks the log against it. Put it where",
+        "# whoever can write the database cannot rewrite it (another disk, a log shipper).",
+        "# [audit]",
+        f"# anchor_file = {toml_str(cfg.audit.anchor_file.name)}   # relative to the CA directory",
+        f"# anchor_every = {toml_str(format_duration(cfg.audit.anchor_every))}",
         "",
     ]
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.x509 import ocsp as x509_ocsp
 
+from . import metrics
 from . import crl as crl_mod
 from . import ocsp as ocsp_mod
 from .errors import BadRequestError
@@ -41,6 +42,7 @@ class Publication:
             number=number, this_update=now, next_update=now + self.config.crl_next_update)
         async with self.store.write() as tx:
             await tx.store_crl(der, number, covers)
+            tx.on_commit(metrics.CRLS.inc)
         return der
 
     async def current_crl(self, *, refresh_at: float = 0.5) -> bytes:
@@ -94,6 +96,7 @@ class Publication:
             responder.signer, ocsp_mod.build_response, serial=serial, answer=answer, issuer_cert=self.issuer.certificate,
             responder_cert=responder.certificate, responder_signer=responder.signer,
             this_update=now, next_update=next_update, hash_algorithm=hash_algorithm, nonce=nonce)
+        metrics.OCSP_SIGNED.labels("unknown" if answer.status is None else answer.status.value).inc()
         return der, now, next_update
 
     async def ocsp(self, request_der: bytes, *, cache=None) -> bytes:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from . import metrics
 from .errors import PolicyViolationError
 from .model import CertRecord, CertStatus, RevocationReason, serial_hex
 from .store import Tx
@@ -65,6 +66,7 @@ async def revoke(tx: Tx, record: CertRecord, reason: RevocationReason, at: datet
         raise _refuse(record, target)
     if not await tx.change_status(record.serial, record.status, target, reason, at):
         raise await _lost_race(tx, record, target)
+    tx.on_commit(metrics.STATUS_CHANGES.labels(target.value, reason.name).inc)
     if target is REVOKED:
         await tx.drop_attendance_hold(record.serial)   # a final revocation supersedes any hold
 
@@ -75,6 +77,7 @@ async def release(tx: Tx, record: CertRecord, at: datetime) -> None:
         raise _refuse(record, GOOD)
     if not await tx.change_status(record.serial, HOLD, GOOD, None, at):
         raise await _lost_race(tx, record, GOOD)
+    tx.on_commit(metrics.STATUS_CHANGES.labels("released", "").inc)
     await tx.drop_attendance_hold(record.serial)
 
 
@@ -84,6 +87,7 @@ async def hold_absent(tx: Tx, record: CertRecord, at: datetime) -> bool:
     if record.status is not GOOD or not await tx.change_status(record.serial, GOOD, HOLD,
                                                                 RevocationReason.certificateHold, at):
         return False
+    tx.on_commit(metrics.STATUS_CHANGES.labels("hold", "absent").inc)
     await tx.add_attendance_hold(record.serial, record.device_id, at)
     return True
 
@@ -93,6 +97,7 @@ async def release_absent(tx: Tx, serial: int, at: datetime) -> bool:
     revoked since, not released and held again by an operator). False when nothing changed."""
     if not await tx.release_attendance_hold(serial, at):
         return False
+    tx.on_commit(metrics.STATUS_CHANGES.labels("released", "returned").inc)
     await tx.drop_attendance_hold(serial)
     return True
 

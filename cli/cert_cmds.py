@@ -1,4 +1,4 @@
-"""`iomtca cert ...`, `iomtca crl` and `iomtca audit verify`."""
+"""`iomtca cert ...` and `iomtca crl` (`iomtca audit ...` is cli/audit_cmds.py)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 from ca import views
-from ca.audit import verify_chain
 from ca.authority import Authority, operator
 from ca.codec import cert_pem, load_csr
 from ca.errors import BadRequestError
@@ -50,11 +49,6 @@ def add_parsers(sub, common) -> None:
     p = sub.add_parser("crl", parents=[common], help="sign a fresh CRL (DER)")
     p.add_argument("--out", type=Path, help="write it here instead of stdout")
     p.set_defaults(func=crl)
-
-    audit = sub.add_parser("audit", help="the hash-chained audit log")
-    asub = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
-    p = asub.add_parser("verify", parents=[common], help="check every link of the audit log")
-    p.set_defaults(func=audit_verify)
 
 
 def _actor() -> str:
@@ -124,18 +118,3 @@ async def crl(args) -> int:
         sys.stdout.buffer.write(der)
     return 0
 
-
-async def audit_verify(args) -> int:
-    async with await Authority.open(args.dir) as authority:
-        async with authority.store.read() as tx:
-            rows = await tx.audit_rows()
-    problems = verify_chain(rows)
-    if problems:
-        for problem in problems:
-            print(f"audit log: {problem}", file=sys.stderr)
-        print(f"iomtca: error: audit log is damaged: {len(problems)} problem(s) in {len(rows)} entries",
-              file=sys.stderr)
-        return 1
-    head = rows[-1].hash if rows else "-"
-    print(f"audit log intact: {len(rows)} entries, head {head}")
-    return 0

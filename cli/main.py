@@ -12,7 +12,7 @@ from ca.errors import CAError, ConfigError
 from common import logsafe
 from ca.signer import KEY_TYPES
 
-from . import cert_cmds, device_cmds, gateway_cmds, init_cmd, operator_cmds, status_cmd
+from . import audit_cmds, cert_cmds, check_cmd, device_cmds, gateway_cmds, init_cmd, operator_cmds, status_cmd
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 70
@@ -33,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "`gateway run` the gateway's own (default: $IOMTCA_GATEWAY_HOME, else ./iomtca-gateway)")
     parser = argparse.ArgumentParser(prog="iomtca", description="iomt-ca: private CA for connected medical devices")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens to stderr")
+    from_env = os.environ.get("IOMTCA_LOG_FORMAT", "text")
+    log_format = dict(choices=logsafe.FORMATS, help="text (default) or json: one JSON object per log line "
+                      "(also $IOMTCA_LOG_FORMAT)")
+    parser.add_argument("--log-format", default=from_env if from_env in logsafe.FORMATS else "text", **log_format)
+    common.add_argument("--log-format", default=argparse.SUPPRESS, **log_format)   # after the command too
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("init", parents=[common], help="create a CA directory")
@@ -73,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     device_cmds.add_parsers(sub, common)
     gateway_cmds.add_parsers(sub, common)
     cert_cmds.add_parsers(sub, common)
+    audit_cmds.add_parsers(sub, common)
     operator_cmds.add_parsers(sub, common)
     status_cmd.add_parsers(sub, common)
+    check_cmd.add_parsers(sub, common)
     return parser
 
 
@@ -111,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dir = default_gateway_home() if on_gateway_host else default_home()
     # Without -v the CLI speaks only through its own one-line messages.
     quiet = getattr(args, "log_level", logging.CRITICAL)  # servers log at INFO, admin commands stay quiet
-    logging.basicConfig(level=logging.INFO if args.verbose else quiet,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
-    logsafe.install()
+    logsafe.configure(logging.INFO if args.verbose else quiet, args.log_format)
     try:
         return asyncio.run(args.func(args)) or 0
     except (CAError, ConfigError) as exc:

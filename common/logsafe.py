@@ -52,3 +52,44 @@ def install(logger: logging.Logger | None = None) -> None:
     for handler in (logger or logging.getLogger()).handlers:
         if not any(isinstance(f, SafeRecords) for f in handler.filters):
             handler.addFilter(SafeRecords())
+
+
+class JsonFormatter(logging.Formatter):
+    """`--log-format json`: one JSON object per line (time in RFC 3339 UTC, level, logger, the
+    process's role, message, and a traceback as one string), for a SIEM or a log shipper. The
+    message is the escaped one SafeRecords made; JSON escapes the rest."""
+
+    def __init__(self, role: str = "") -> None:
+        super().__init__()
+        self._role = role
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+        from datetime import datetime, timezone
+        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if self._role:
+            entry["process"] = self._role
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+FORMATS = ("text", "json")
+
+
+def configure(level: int, log_format: str = "text", role: str = "") -> None:
+    """The root logger for a process: text (`time LEVEL [role] logger message`) or JSON lines, on
+    stderr, through SafeRecords."""
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter(role))
+    else:
+        prefix = f"{role} " if role else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(name)s %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    install(root)

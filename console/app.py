@@ -10,9 +10,11 @@ import jinja2
 from aiohttp import web
 
 from ca.authority import Authority
+from ca import metrics
 from ca.errors import CAError, ConflictError, ForbiddenError, NotFoundError, UnauthorizedError, UnknownDeviceError
 from enroll.config import EnrollConfig
-from enroll.middleware import HTTP_STATUS, body_deadline
+from enroll.metrics import instrument
+from enroll.middleware import HTTP_STATUS, body_deadline, route_of
 
 from . import actions, api, auth, evidence_routes, operator_pages, operators_api, pages, sync
 from .config import ConsoleConfig
@@ -69,6 +71,7 @@ async def errors(request: web.Request, handler):
         return await handler(request)
     except CAError as exc:
         status = status_of(exc)
+        metrics.refused(route_of(request), exc.code)
         log.info("console refused %s %s from %s: %s %s", request.method, request.path, request.remote,
                  exc.code, exc)
         if is_api(request):
@@ -107,8 +110,9 @@ async def authenticate(request: web.Request, handler):
 
 def create_console_app(authority: Authority, config: ConsoleConfig, enroll_config: EnrollConfig) -> web.Application:
     # [enroll.connections] holds here too: the listener's timeouts and counts (enroll/server.py), the body deadline
-    app = web.Application(middlewares=[headers, errors, body_deadline(enroll_config.connections.body_timeout),
-                                       authenticate], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[instrument("console", edge="console", source=auth.source), headers, errors,
+                                       body_deadline(enroll_config.connections.body_timeout), authenticate],
+                          client_max_size=MAX_BODY)
     app[AUTHORITY] = authority
     app[CONSOLE_CONFIG] = config
     app[ENROLL_CONFIG] = enroll_config

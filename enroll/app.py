@@ -9,7 +9,7 @@ from aiohttp import web
 from ca import failures
 from ca.authority import Authority
 
-from . import est, gateway_enroll, idevid_crl, posture, ra, ra_service, responder
+from . import est, gateway_enroll, idevid_crl, metrics, posture, ra, ra_service, responder
 from .config import EnrollConfig
 from .middleware import body_deadline, errors
 from .publication import Publisher
@@ -25,7 +25,8 @@ def _base(authority: Authority, config: EnrollConfig, publisher: Publisher, midd
 
 
 def create_app(authority: Authority, config: EnrollConfig, publisher: Publisher, keygen: Executor) -> web.Application:
-    app = _base(authority, config, publisher, [errors, body_deadline(config.connections.body_timeout), ra.ra_only])
+    app = _base(authority, config, publisher, [metrics.instrument("est", edge="est"), errors,
+                                               body_deadline(config.connections.body_timeout), ra.ra_only])
     app[KEYGEN] = keygen
     # [enroll] device_source_failures and source_failures (ca/failures.py)
     authority.failure_limits = failures.Limits(config.device_source_failures, config.source_failures)
@@ -40,6 +41,8 @@ def create_app(authority: Authority, config: EnrollConfig, publisher: Publisher,
 
 
 def create_responder_app(authority: Authority, config: EnrollConfig, publisher: Publisher) -> web.Application:
-    app = _base(authority, config, publisher, [errors, body_deadline(config.connections.body_timeout)])
+    app = _base(authority, config, publisher, [metrics.instrument("http"), errors,
+                                               body_deadline(config.connections.body_timeout)])
     responder.add_routes(app)
+    metrics.add_routes(app)   # /metrics, /healthz, /readyz: the listener a monitoring system reaches
     return app

@@ -11,6 +11,7 @@ import logging
 
 from aiohttp import web
 
+from ca import metrics
 from ca.errors import CAError
 
 from .state import CONFIG
@@ -61,6 +62,7 @@ async def errors(request: web.Request, handler):
         return await handler(request)
     except CAError as exc:
         log.info("refused %s %s from %s: %s %s", request.method, request.path, request.remote, exc.code, exc)
+        metrics.refused(route_of(request), exc.code)
         return error_response(request, exc)
     except web.HTTPException as exc:
         if request.path.startswith(JSON_PATHS) and exc.status >= 400:
@@ -79,6 +81,12 @@ async def errors(request: web.Request, handler):
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         return web.Response(status=500, text="internal error; see the server log\n", content_type="text/plain")
+
+
+def route_of(request: web.Request) -> str:
+    """The route's pattern (one label value per route, never the path itself)."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
 
 
 class BodyTimeout(TimeoutError):

@@ -19,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509 import ocsp as x509_ocsp
 
+from ca import metrics
+
 from ca.authority import Authority
 from ca.model import CertStatus, Issued
 from ca.ocsp import OCSPAnswer
@@ -117,6 +119,11 @@ class Publisher:
         self.changed = asyncio.Condition()   # notified after each batch of status changes
 
     @property
+    def cache_entries(self) -> int:
+        """Signed OCSP responses held (each worker holds its own)."""
+        return len(self._cache)
+
+    @property
     def last_change(self) -> int:
         return self._seen
 
@@ -199,11 +206,14 @@ class Publisher:
             item = self._cache.get(key)
             if item is not None and not self._stale(item):
                 self._cache.move_to_end(key)
+                metrics.OCSP_ANSWERS.labels("cache").inc()
                 return item.der, item
         recorder = _Recorder(self, bytes(request_der), source)
         der = await self._authority.ocsp(request_der, cache=recorder)
         if recorder.key is None:
+            metrics.OCSP_ANSWERS.labels("uncached").inc()
             return der, None   # signed afresh (nonce) or an error response: nothing to reuse
+        metrics.OCSP_ANSWERS.labels("store").inc()
         self._requests[recorder.request] = recorder.key
         if len(self._requests) > self._cache_size:
             self._requests.popitem(last=False)
@@ -275,4 +285,5 @@ class Publisher:
         self._cache.move_to_end(key)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
+        metrics.OCSP_CACHE.set(len(self._cache))
         return True

@@ -25,6 +25,7 @@ import logging
 
 from aiohttp import web
 
+from ca import metrics
 from ca.errors import BadRequestError, CAError
 from ca.model import check_device_id
 
@@ -95,6 +96,7 @@ async def _one(authority, publisher: Publisher, index: int, item: dict, source: 
             issued = await ra.reenroll_device(authority, device_id, item)
     except CAError as exc:
         log.info("refused batch item %d op=%r device=%r: %s %s", index, str(op)[:32], str(device)[:64], exc.code, exc)
+        metrics.refused(f"batch {op if op in OPS else 'unknown'}", exc.code)
         return error_result(exc)
     except Exception:
         log.exception("internal error on batch item %d op=%r device=%r", index, str(op)[:32], str(device)[:64])

@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -31,6 +32,7 @@ from typing import NamedTuple
 
 from aiohttp import web
 
+from ca import audit_anchor
 from ca.authority import Authority
 from ca.config import CAPaths, load_config
 from ca.errors import CAError, ConfigError
@@ -161,6 +163,7 @@ async def run_worker(authority: Authority, config: EnrollConfig, listeners: List
     tasks = [asyncio.create_task(publisher.follow(), name="status-follower")]
     if duties:  # once per server, not once per worker
         tasks.append(asyncio.create_task(_attendance(authority), name="attendance"))
+        tasks.append(asyncio.create_task(audit_anchor.anchor_task(authority), name="audit-anchor"))
         tasks.append(asyncio.create_task(_anonymous_failures(authority), name="anonymous-failure-audit"))
     runners = []
     try:
@@ -204,6 +207,8 @@ async def run_worker(authority: Authority, config: EnrollConfig, listeners: List
         for runner in reversed(runners):
             await runner.cleanup()
         keygen.shutdown(cancel_futures=True)
+        if duties:   # the head as the server leaves it; a failure is logged, never raised
+            await audit_anchor.final_anchor(authority)
         await authority.close()
 
 
@@ -431,13 +436,17 @@ async def _supervise(home: Path, config: EnrollConfig, passphrase: bytes, listen
     fds = [s.fileno() for s in listeners.all()]
     argv_tail = ["--dir", str(home), *[arg for name, socks in zip(("est", "http", "console"), listeners)
                                        for arg in (f"--{name}-fds", ",".join(str(s.fileno()) for s in socks))],
-                 "--log-level", str(logging.getLogger().getEffectiveLevel())]
+                 "--log-level", str(logging.getLogger().getEffectiveLevel()),
+                 "--log-format", "json" if _json_logs() else "text"]
     workers: list[asyncio.subprocess.Process] = []
+    # every worker's counters in files of one directory, added up by a scrape (enroll/metrics.py)
+    metrics_dir = tempfile.TemporaryDirectory(prefix="iomtca-metrics-")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir.name}
     try:
         for index in range(config.workers):
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "enroll.server", "--worker", str(index), *argv_tail,
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=fds)
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=fds, env=env)
             workers.append(proc)
             proc.stdin.write(passphrase + b"\n")
             await proc.stdin.drain()
@@ -462,6 +471,12 @@ async def _supervise(home: Path, config: EnrollConfig, passphrase: bytes, listen
         return 0
     finally:
         await _stop_workers(workers)
+        metrics_dir.cleanup()
+
+
+def _json_logs() -> bool:
+    """Whether this process logs JSON lines (its root handler's formatter): workers log the same."""
+    return any(isinstance(h.formatter, logsafe.JsonFormatter) for h in logging.getLogger().handlers)
 
 
 async def _wait_ready(workers: list[asyncio.subprocess.Process], stop: asyncio.Event) -> None:
@@ -539,6 +554,7 @@ def worker_entry(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-fds", required=True)
     parser.add_argument("--console-fds", required=True)
     parser.add_argument("--log-level", type=int, default=logging.INFO)
+    parser.add_argument("--log-format", choices=logsafe.FORMATS, default="text")
     args = parser.parse_args(argv)
     parent = os.getppid()
     _die_with_parent()
@@ -546,9 +562,7 @@ def worker_entry(argv: list[str] | None = None) -> int:
         return 1
     passphrase = sys.stdin.buffer.readline().rstrip(b"\n")
     sys.stdin.close()
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s worker-{args.worker} %(name)s %(message)s")
-    logsafe.install()
+    logsafe.configure(args.log_level, args.log_format, role=f"worker-{args.worker}")
     try:
         asyncio.run(_worker_main(args, passphrase))
     except KeyboardInterrupt:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from collections.abc import Collection
-from typing import AsyncContextManager, Protocol
+from typing import AsyncContextManager, Callable, Protocol
 
 from ..approvals import ApprovalRequest
 from ..audit import AuditRow
@@ -29,6 +29,9 @@ class TokenRow:
 
 
 class Tx(Protocol):
+    def on_commit(self, fn: Callable[[], None]) -> None:
+        """In a write block: call `fn()` once the block is committed (never if it rolls back)."""
+
     # devices
     async def get_device(self, device_id: str) -> Device | None: ...
     async def insert_device(self, device: Device) -> None: ...

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import dataclasses
 import sqlite3
 import time
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import aiosqlite
 
-from .. import audit, crl
+from .. import audit, crl, metrics
 from ..model import (
     AuditEvent,
     CertRecord,
@@ -53,6 +54,8 @@ from .sqlite_failures import FailureQueries
 from .sqlite_operators import OperatorQueries
 from .sqlite_reports import AUDIT_COLUMNS, ReportQueries, casefold
 from .sqlite_schema import MIGRATIONS, migrate  # noqa: F401 (MIGRATIONS re-exported)
+
+log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_S = 30.0
 # Most write blocks one group commit may hold: bounds how long other processes wait for the lock.
@@ -164,6 +167,18 @@ class SQLiteTx(FailureQueries, ApprovalQueries, OperatorQueries, ReportQueries):
 
     def __init__(self, conn: _Direct | _Threaded) -> None:
         self._c = conn
+        self._on_commit: list = []
+
+    def on_commit(self, fn) -> None:
+        """Call `fn()` once this write block is committed (never if it rolls back)."""
+        self._on_commit.append(fn)
+
+    def committed(self) -> None:
+        for fn in self._on_commit:
+            try:
+                fn()
+            except Exception:   # a counter must not fail a committed write
+                log.exception("after-commit callback failed")
 
     async def _one(self, sql: str, args=()):
         return await self._c.one(sql, args)
@@ -498,8 +513,9 @@ class SQLiteStore:
             group = self._group
             self._group_size += 1
             self._writer.execute("SAVEPOINT block")
+            tx = SQLiteTx(_Direct(self._writer))
             try:
-                yield SQLiteTx(_Direct(self._writer))
+                yield tx
             except BaseException as exc:
                 if self._writer.in_transaction:
                     self._writer.execute("ROLLBACK TO block")
@@ -515,6 +531,7 @@ class SQLiteStore:
         finally:
             self._write_lock.release()
         await asyncio.shield(group)  # durable before the caller goes on
+        tx.committed()
 
     async def _begin(self) -> None:
         """BEGIN IMMEDIATE, retried on the loop while another process holds the write lock.
@@ -538,7 +555,10 @@ class SQLiteStore:
 
     async def _commit(self) -> None:
         group, self._group = self._group, None
+        metrics.GROUP_SIZE.observe(self._group_size)
+        started = time.monotonic()
         outcome = await _finish(asyncio.to_thread(self._writer.execute, "COMMIT"))
+        metrics.GROUP_SECONDS.observe(time.monotonic() - started)
         if outcome.exception is not None:
             if self._writer.in_transaction:
                 self._writer.execute("ROLLBACK")

@@ -40,9 +40,9 @@ def sql(authority, statement: str, args=()) -> None:
     conn.close()
 
 
-def rewrite_from(authority, entry_id: int, actor: str) -> None:
+def rewrite_from(database, entry_id: int, actor: str) -> None:
     """Change one entry and recompute every later hash, as a careful forger would."""
-    conn = sqlite3.connect(authority.config.database)
+    conn = sqlite3.connect(database)
     conn.execute("UPDATE audit_log SET actor = ? WHERE id = ?", (actor, entry_id))
     rows = conn.execute("SELECT id, at, actor, action, device_id, serial, detail, prev_hash FROM audit_log "
                         "WHERE id >= ? ORDER BY id", (entry_id,)).fetchall()
@@ -87,7 +87,7 @@ async def test_a_rewritten_history_is_reported_at_once_and_stays_reported(author
     await add_devices(authority, 5)
     monitor = ChainMonitor(authority.store, clock)
     assert (await monitor.status()).intact
-    rewrite_from(authority, 2, "operator:forger")
+    rewrite_from(authority.config.database, 2, "operator:forger")
     assert verify_chain(await all_rows(authority)) == []   # the forgery is a whole chain
     status = await monitor.status()
     assert not status.intact and "gone or changed" in status.problems[0]
