@@ -12,7 +12,8 @@ from ca.errors import CAError, ConfigError
 from common import logsafe
 from ca.signer import KEY_TYPES
 
-from . import audit_cmds, cert_cmds, check_cmd, device_cmds, gateway_cmds, init_cmd, operator_cmds, status_cmd
+from . import (audit_cmds, backup_cmds, cert_cmds, check_cmd, device_cmds, gateway_cmds, init_cmd, operator_cmds,
+               status_cmd)
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 70
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     operator_cmds.add_parsers(sub, common)
     status_cmd.add_parsers(sub, common)
     check_cmd.add_parsers(sub, common)
+    backup_cmds.add_parsers(sub, common)
     return parser
 
 
