@@ -13,10 +13,10 @@ What each limit bounds, and where it is enforced:
   408 and its connection closed (`body_deadline` in enroll/middleware.py).
 - `max_header_bytes`, `max_headers`: one header line (and the request line) longer than this, or
   more header lines, is answered 400 by aiohttp's parser before any handler runs.
-- `per_source`: open connections from one address, per server process; one more is closed at
-  once. Trusted proxies (`trusted_proxies`) are exempt: they carry many clients.
-- `max_connections`: open connections per server process; at the limit the process stops
-  accepting until one closes (the rest wait in the listen queue, or go to another worker).
+- `per_source`: open connections from one address, per listener and server process; one more is
+  closed at once. Trusted proxies (`trusted_proxies`) are exempt: they carry many clients.
+- `max_connections`: open connections per listener and server process (each listener counts its
+  own); at the limit that listener stops accepting until one closes (the rest wait in the listen queue, or go to another worker).
 """
 from __future__ import annotations
 
@@ -89,17 +89,18 @@ def parse_connection_limits(raw) -> ConnectionLimits:
     return limits
 
 
-def ensure_descriptors(limits: ConnectionLimits) -> None:
-    """Raise this process's open-file limit to what `max_connections` needs, or refuse the setting:
-    a limit the kernel would undercut (accept failing with EMFILE) is not a limit."""
-    needed = limits.max_connections + FD_HEADROOM
+def ensure_descriptors(limits: ConnectionLimits, listeners: int = 1) -> None:
+    """Raise this process's open-file limit to what `max_connections` on each of its `listeners`
+    needs, or refuse the setting: a limit the kernel would undercut (accept failing with EMFILE)
+    is not a limit."""
+    needed = listeners * limits.max_connections + FD_HEADROOM
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return
     if hard != resource.RLIM_INFINITY and hard < needed:
-        raise ConfigError(f"[enroll.connections] max_connections = {limits.max_connections} needs {needed} open "
-                          f"files, but this process may open at most {hard} (ulimit -Hn); lower max_connections "
-                          "or raise the limit")
+        raise ConfigError(f"[enroll.connections] max_connections = {limits.max_connections} on {listeners} "
+                          f"listener(s) needs {needed} open files, but this process may open at most {hard} "
+                          "(ulimit -Hn); lower max_connections or raise the limit")
     resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 

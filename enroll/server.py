@@ -82,7 +82,8 @@ async def serve(home: Path, *, listen: str | None = None, http_listen: str | Non
                      workers=workers or config.workers)
     console_listen = console_listen or load_console_config(paths).listen
     parse_listen(console_listen)
-    ensure_descriptors(config.connections)   # refuse a connection limit this process could not keep
+    # refuse a connection limit this process could not keep, on each of its listeners
+    ensure_descriptors(config.connections, len(Listeners._fields))
     # Opening the authority runs the migrations; the responder is rotated now if due (not on a
     # first request, and not by N workers at once).
     authority = await Authority.open(home, passphrase=passphrase)
@@ -535,7 +536,7 @@ def _die_with_parent() -> None:
 async def _worker_main(args: argparse.Namespace, passphrase: bytes) -> None:
     paths = CAPaths(args.dir)
     config = load_enroll_config(paths)
-    ensure_descriptors(config.connections)
+    ensure_descriptors(config.connections, len(Listeners._fields))
     listeners = Listeners(*([socket.socket(fileno=int(fd)) for fd in group.split(",") if fd]
                             for group in (args.est_fds, args.http_fds, args.console_fds)))
     authority = await Authority.open(args.dir, passphrase=passphrase)
