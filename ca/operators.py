@@ -116,6 +116,17 @@ def check_role(role: str) -> str:
     return role
 
 
+MAX_TOKEN_ID = 2 ** 63 - 1   # SQLite's largest integer: a larger id would overflow, not just miss
+
+
+def parse_token_id(text: str) -> int:
+    """An API token's id as lists show it: a positive decimal integer (ASCII digits only:
+    "³".isdigit() is True and int("³") fails), at most SQLite's largest integer."""
+    if not (isinstance(text, str) and text.isascii() and text.isdigit()) or not 0 < int(text) <= MAX_TOKEN_ID:
+        raise BadRequestError(f"not an API token id: {str(text)[:40]!r} (a positive whole number, as token lists show)")
+    return int(text)
+
+
 def check_label(label: str | None) -> str | None:
     if label is None or label == "":
         return None

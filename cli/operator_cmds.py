@@ -17,12 +17,11 @@ from ca.credentials import actor, operator
 from ca.errors import BadRequestError
 from ca import views
 from ca.operators import (DEFAULT_TOKEN_LIFETIME, LABEL_MAX, ROLES, ApiToken, Operator, check_password,
-                          generate_password)
+                          generate_password, parse_token_id)
 from ca.timefmt import format_duration, parse_duration, to_rfc3339
 
 from .output import print_table
 
-MAX_TOKEN_ID = 2 ** 63 - 1   # SQLite's largest integer: a larger id would overflow, not just miss
 
 
 def add_parsers(sub, common) -> None:
@@ -86,10 +85,10 @@ def _password_options(p) -> None:
 
 
 def _token_id(text: str) -> int:
-    """A positive decimal integer (ASCII digits only: "³".isdigit() is True, int("³") fails)."""
-    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= MAX_TOKEN_ID:
-        raise argparse.ArgumentTypeError(f"not a token id: {text[:40]!r} (use the ID `operator tokens` lists)")
-    return int(text)
+    try:
+        return parse_token_id(text)
+    except BadRequestError:
+        raise argparse.ArgumentTypeError(f"not a token id: {text[:40]!r} (use the ID `operator tokens` lists)") from None
 
 
 def _actor() -> str:

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from ca import views
 from ca.errors import BadRequestError, ConflictError, NotAcceptedError, NotFoundError, RateLimitedError
-from ca.operators import ROLES, ApiToken, Operator, generate_password
+from ca.operators import ROLES, ApiToken, Operator, generate_password, parse_token_id
 
 from . import auth
 from .api import _operator
@@ -42,9 +42,10 @@ def _confirmed(form: dict[str, str], what: str) -> None:
 
 def _token_id(request: web.Request) -> int:
     text = request.match_info["token_id"]
-    if not (text.isascii() and text.isdigit()) or len(text) > 18:
-        raise NotFoundError(f"no API token {text[:40]!r}")
-    return int(text)
+    try:
+        return parse_token_id(text)
+    except BadRequestError:   # a page address that names no token: not found
+        raise NotFoundError(f"no API token {text[:40]!r}") from None
 
 
 def _ended(request: web.Request, template: str, *, status: int = 200, **context) -> web.Response:

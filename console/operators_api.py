@@ -127,11 +127,9 @@ async def new_token(request: web.Request) -> web.Response:
 
 async def revoke_token(request: web.Request) -> web.Response:
     op = _operator(request, "operator.manage")
-    text = request.match_info["token_id"]
-    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 2 ** 63:   # "³".isdigit() is True
-        raise BadRequestError("a token id is a positive whole number, as GET /api/v1/operators/{name} lists it")
-    await request.app[AUTHORITY].operators.revoke_api_token(_name(request), int(text), actor=op.actor)
-    return web.json_response({"revoked": int(text)})
+    token_id = operators.parse_token_id(request.match_info["token_id"])
+    await request.app[AUTHORITY].operators.revoke_api_token(_name(request), token_id, actor=op.actor)
+    return web.json_response({"revoked": token_id})
 
 
 async def own_password(request: web.Request) -> web.Response:
